@@ -7,7 +7,8 @@ const run = promisify(execFile);
 
 for (const bin of ["bin/qbackup", "bin/qbackupd"]) {
   t.test(`${bin} --help`, async (t) => {
-    const r = await run(bin, ["--help"]);
+    // Run as a user would: without the test runner's loaders in NODE_OPTIONS.
+    const r = await run(bin, ["--help"], { env: { ...process.env, NODE_OPTIONS: "" } });
     t.match(r.stdout, /^usage: /);
   });
 }
