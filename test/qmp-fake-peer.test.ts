@@ -2,7 +2,7 @@
 import { Writable } from "node:stream";
 import { pino } from "pino";
 import t from "tap";
-import { QmpClient } from "../src/qmp/index.js";
+import { probeCapabilities, QmpClient } from "../src/qmp/index.js";
 import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
 import { silentLogger } from "./helpers/qemu.js";
 
@@ -138,4 +138,15 @@ t.test("a peer that accepts but never answers: per-command timeout", async (t) =
 t.test("no unhandled errors overall", async (t) => {
   await new Promise((r) => setTimeout(r, 20));
   t.same(unhandled, []);
+});
+
+t.test("a QEMU too old for backups is refused, naming the minimum version", async (t) => {
+  const peer = await startFakeQmp(t, (cmd, p) => {
+    if (cmd.execute === "query-version") p.write(reply(cmd.id, { qemu: { major: 5, minor: 1, micro: 0 }, package: "old" }));
+  });
+  const c = (await QmpClient.connect({ path: peer.path }, { logger: silentLogger }))._unsafeUnwrap();
+  t.teardown(() => c.close());
+  const e = (await probeCapabilities(c))._unsafeUnwrapErr();
+  t.equal(e.code, "unsupported");
+  t.match(e.code === "unsupported" && e.message, /QEMU 5\.1\.0 is too old: qbackupd needs QEMU 6\.0\.0 or newer/);
 });
