@@ -1,0 +1,29 @@
+/**
+ * Naming rules shared by checkpoints, bitmaps, domains and disks. A name
+ * becomes a file name in the state directory and a bitmap name in qcow2, so
+ * the rules are libvirt's checkpointName pattern plus a length limit.
+ */
+import { err, ok, type Result } from "neverthrow";
+import type { ConfError } from "./errors.js";
+
+export const MAX_NAME_BYTES = 255;
+
+/** Check `name` against `[a-zA-Z0-9_-][a-zA-Z0-9_.-]*` and the byte limit; the error says which rule broke. */
+export function checkName(name: string, what: string): Result<string, ConfError> {
+  const fail = (why: string): Result<never, ConfError> => err({ code: "invalid-name", message: `${what} '${printable(name)}' ${why}` });
+  if (name.length === 0) return err({ code: "invalid-name", message: `${what} must not be empty` });
+  if (Buffer.byteLength(name) > MAX_NAME_BYTES) return fail(`is longer than ${MAX_NAME_BYTES} bytes`);
+  if (name.startsWith(".")) return fail("must not start with '.'");
+  if (name.includes("/")) return fail("must not contain '/'");
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are exactly what we refuse
+  if (/[\u0000-\u001f\u007f]/.test(name)) return fail("must not contain control characters");
+  if (/\s/.test(name)) return fail("must not contain white space");
+  if (!/^[a-zA-Z0-9_-][a-zA-Z0-9_.-]*$/.test(name)) return fail("may only contain letters, digits, '_', '-' and '.'");
+  return ok(name);
+}
+
+/** For messages: control characters shown escaped, long names cut. */
+export function printable(s: string): string {
+  const shown = JSON.stringify(s).slice(1, -1);
+  return shown.length > 80 ? `${shown.slice(0, 77)}...` : shown;
+}
