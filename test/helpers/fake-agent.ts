@@ -14,11 +14,13 @@ export interface FakeAgent {
   state: "thawed" | "frozen";
   /** Make the next freeze fail with this desc. */
   failFreeze: string | undefined;
+  /** Runs when a freeze arrives, before the agent answers (to act "while frozen"). */
+  onFreeze: (() => Promise<void>) | undefined;
 }
 
 export async function startFakeAgent(t: Teardown, opts: { staleBytes?: string } = {}): Promise<FakeAgent> {
   const path = join(tempDir(t), "qga.sock");
-  const agent: FakeAgent = { path, log: [], state: "thawed", failFreeze: undefined };
+  const agent: FakeAgent = { path, log: [], state: "thawed", failFreeze: undefined, onFreeze: undefined };
   const server = net.createServer((sock) => {
     sock.on("error", () => {});
     if (opts.staleBytes) sock.write(opts.staleBytes); // output left over from an earlier client
@@ -40,7 +42,14 @@ export async function startFakeAgent(t: Teardown, opts: { staleBytes?: string } 
             send({ return: msg.arguments?.id });
             break;
           case "guest-fsfreeze-freeze":
-            if (agent.failFreeze !== undefined) {
+            if (agent.onFreeze !== undefined) {
+              const hook = agent.onFreeze;
+              agent.onFreeze = undefined;
+              void hook().then(() => {
+                agent.state = "frozen";
+                send({ return: 2 });
+              });
+            } else if (agent.failFreeze !== undefined) {
               send({ error: { class: "GenericError", desc: agent.failFreeze } });
               agent.failFreeze = undefined;
             } else {

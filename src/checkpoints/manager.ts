@@ -1,0 +1,367 @@
+/**
+ * Checkpoint operations of one domain, on top of the store and a QMP client:
+ * create (bitmaps added in one transaction, optionally with the guest
+ * frozen), redefine, delete, reconcile with QEMU, and XML with sizes.
+ *
+ * Bitmap scheme (libvirt's since 6.x): every checkpoint's bitmap stays
+ * active from creation on, so "changes since X" is exactly bitmap X on each
+ * disk. Deleting any checkpoint is then just removing its bitmaps: no other
+ * checkpoint's bitmap depends on it, so every incremental from every
+ * remaining checkpoint stays exact. The cost is one bit set per active bitmap
+ * per guest write; docs/checkpoints.md has the reasoning.
+ */
+import { errAsync, okAsync, type ResultAsync } from "neverthrow";
+import { withFrozenGuest } from "../agent/quiesce.js";
+import {
+  type CheckpointDef,
+  type CheckpointDefFull,
+  checkpointDefAlign,
+  checkpointDefFormat,
+  checkpointDefParse,
+  type DomainDiskSummary,
+} from "../conf/checkpoint.js";
+import type { Logger } from "../log.js";
+import type { QmpClient } from "../qmp/client.js";
+import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
+import type { TransactionAction } from "../qmp/qapi.js";
+import { type CheckpointError, fromAgent, fromQmp } from "./errors.js";
+import type { CheckpointStore } from "./store.js";
+import { descendants, topological } from "./tree.js";
+import { type Assessment, assessCheckpoints, checkpointProblems } from "./validity.js";
+
+export interface CheckpointManagerOptions {
+  readonly logger: Logger;
+  /** The domain's guest agent socket, for quiesce. */
+  readonly agentPath?: string | undefined;
+  /** Unix seconds; injectable for tests. */
+  readonly now?: () => number;
+}
+
+export interface CreateOptions {
+  readonly quiesce?: boolean;
+}
+
+export interface DeleteOptions {
+  /** Delete the checkpoint and all its descendants. */
+  readonly children?: boolean;
+  /** Delete only the descendants, keep the checkpoint. */
+  readonly childrenOnly?: boolean;
+  /** Remove metadata only; bitmaps stay in QEMU. */
+  readonly metadataOnly?: boolean;
+}
+
+export interface PreparedCheckpoint {
+  readonly def: CheckpointDefFull;
+  /** block-dirty-bitmap-add actions to put in the caller's transaction. */
+  readonly actions: TransactionAction[];
+}
+
+export function diskSummaries(disks: readonly DiskInfo[]): DomainDiskSummary[] {
+  return disks.map((d) => ({ name: d.name, format: d.format, readOnly: d.readOnly }));
+}
+
+export class CheckpointManager {
+  private assessment: Assessment | undefined;
+  private readonly log: Logger;
+  private readonly now: () => number;
+
+  constructor(
+    readonly store: CheckpointStore,
+    private readonly opts: CheckpointManagerOptions,
+  ) {
+    this.log = opts.logger.child({ domain: store.domain });
+    this.now = opts.now ?? (() => Math.floor(Date.now() / 1000));
+  }
+
+  /** The last reconcile's view: problems per checkpoint and unclaimed bitmaps. */
+  get lastAssessment(): Assessment | undefined {
+    return this.assessment;
+  }
+
+  /** Problems of a checkpoint as of the last reconcile (undefined: not reconciled yet). */
+  problemsOf(name: string): readonly string[] | undefined {
+    return this.assessment?.problems.get(name);
+  }
+
+  /**
+   * Compare the store with QEMU's bitmaps (on connect, and whenever asked).
+   * `inUse` lists "disk/bitmap" pairs a job of ours holds busy.
+   */
+  reconcile(client: QmpClient, inUse: ReadonlySet<string> = new Set()): ResultAsync<Assessment, CheckpointError> {
+    return discoverDisks(client)
+      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
+      .map((disks) => {
+        const a = assessCheckpoints(this.store.all, disks, inUse);
+        for (const [name, problems] of a.problems) {
+          if (problems.length > 0) this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
+        }
+        for (const u of a.unclaimed)
+          this.log.info({ disk: u.disk, bitmap: u.bitmap, persistent: u.persistent }, "bitmap not claimed by any checkpoint");
+        this.assessment = a;
+        return a;
+      });
+  }
+
+  /**
+   * Look a checkpoint up and check it against QEMU *now*: the base of an
+   * incremental is never trusted from a cached view.
+   */
+  requireValid(client: QmpClient, name: string, inUse: ReadonlySet<string> = new Set()): ResultAsync<CheckpointDefFull, CheckpointError> {
+    const def = this.store.get(name);
+    if (def === undefined)
+      return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
+    return discoverDisks(client)
+      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
+      .andThen((disks) => {
+        const problems = checkpointProblems(def, disks, inUse);
+        if (problems.length === 0) return okAsync(def);
+        return errAsync<never, CheckpointError>({
+          code: "checkpoint-invalid",
+          message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
+          problems,
+        });
+      });
+  }
+
+  /** Align a definition with the domain and build its bitmap-add actions (for create, and for backups that create one). */
+  prepare(def: CheckpointDef, disks: readonly DiskInfo[]): ResultAsync<PreparedCheckpoint, CheckpointError> {
+    const aligned = checkpointDefAlign(def, diskSummaries(disks), {
+      now: this.now(),
+      ...(this.store.current ? { parent: this.store.current } : {}),
+    });
+    if (aligned.isErr()) return errAsync(aligned.error);
+    const full = aligned.value;
+    if (this.store.get(full.name) !== undefined) {
+      return errAsync({ code: "duplicate", message: `checkpoint '${full.name}' already exists in domain '${this.store.domain}'` });
+    }
+    const nodes = new Map(disks.map((d) => [d.name, d]));
+    const actions: TransactionAction[] = [];
+    for (const d of full.disks) {
+      if (d.checkpoint !== "bitmap" || d.bitmap === undefined) continue;
+      const disk = nodes.get(d.name)!;
+      if (disk.bitmaps.some((b) => b.name === d.bitmap)) {
+        return errAsync({
+          code: "duplicate",
+          message: `disk '${d.name}' already has a bitmap named '${d.bitmap}' (not ours: see unclaimed bitmaps)`,
+        });
+      }
+      actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: true } });
+    }
+    return okAsync({ def: full, actions });
+  }
+
+  /** After QEMU created the bitmaps: persist and make current. On failure the caller discards the bitmaps. */
+  commit(def: CheckpointDefFull): ResultAsync<CheckpointDefFull, CheckpointError> {
+    const previous = this.store.current;
+    return this.store
+      .save(def)
+      .andThen(() =>
+        this.store.setCurrent(def.name).orElse((e) =>
+          // keep metadata and pointer in step: without the pointer, drop the metadata too
+          this.store
+            .remove(def.name)
+            .andThen(() => errAsync(e))
+            .orElse(() => errAsync(e)),
+        ),
+      )
+      .map(() => {
+        this.log.info({ checkpoint: def.name, parent: previous }, "checkpoint created");
+        return def;
+      });
+  }
+
+  /** Remove a prepared checkpoint's bitmaps from QEMU (rollback). */
+  discard(client: QmpClient, prepared: PreparedCheckpoint): ResultAsync<void, CheckpointError> {
+    const actions: TransactionAction[] = prepared.actions.map((a) => ({
+      type: "block-dirty-bitmap-remove",
+      data: { node: (a.data as { node: string }).node, name: (a.data as { name: string }).name },
+    }));
+    if (actions.length === 0) return okAsync(undefined);
+    return client
+      .execute("transaction", { actions })
+      .map(() => undefined)
+      .mapErr((e) => fromQmp(`cannot roll back bitmaps of checkpoint '${prepared.def.name}'`, e));
+  }
+
+  /** virDomainCheckpointCreateXML: bitmaps in one transaction (guest frozen on request), then metadata. */
+  create(client: QmpClient, xml: string | undefined, opts: CreateOptions = {}): ResultAsync<CheckpointDefFull, CheckpointError> {
+    const parsed =
+      xml === undefined ? okAsync<CheckpointDef, CheckpointError>({}) : checkpointDefParse(xml).asyncAndThen((d) => okAsync(d));
+    return parsed.andThen((def) =>
+      discoverDisks(client)
+        .mapErr((e) => fromQmp("cannot list disks", e))
+        .andThen((disks) => this.prepare(def, disks))
+        .andThen((prepared) => {
+          const run = (): ResultAsync<void, CheckpointError> =>
+            client
+              .execute("transaction", { actions: prepared.actions })
+              .map(() => undefined)
+              .mapErr((e) => fromQmp(`cannot create bitmaps for checkpoint '${prepared.def.name}'`, e));
+          const created = opts.quiesce
+            ? withFrozenGuest(this.opts.agentPath, this.log, run).mapErr((e) =>
+                e.stage === "freeze" ? fromAgent("cannot quiesce the guest", e.error) : e.error,
+              )
+            : run();
+          return created.andThen(() =>
+            this.commit(prepared.def).orElse((e) =>
+              this.discard(client, prepared)
+                .orElse((rollback) => {
+                  this.log.error({ checkpoint: prepared.def.name, error: rollback.message }, "rollback of bitmaps failed");
+                  return okAsync(undefined);
+                })
+                .andThen(() => errAsync(e)),
+            ),
+          );
+        }),
+    );
+  }
+
+  /** Restore metadata from XML (after a reinstall): no bitmaps are created; those named must exist in QEMU. */
+  redefine(client: QmpClient, xml: string): ResultAsync<CheckpointDefFull, CheckpointError> {
+    const parsed = checkpointDefParse(xml, { redefine: true });
+    if (parsed.isErr()) return errAsync(parsed.error);
+    const def = parsed.value;
+    const name = def.name!;
+    if (def.parent !== undefined && this.store.get(def.parent) === undefined) {
+      return errAsync({
+        code: "not-found",
+        message: `parent checkpoint '${def.parent}' of '${name}' does not exist: redefine parents first`,
+      });
+    }
+    if (def.disks === undefined) return errAsync({ code: "xml-invalid", message: `redefining checkpoint '${name}' needs its <disks>` });
+    return discoverDisks(client)
+      .mapErr((e) => fromQmp("cannot list disks", e))
+      .andThen((disks) => {
+        const byName = new Map(disks.map((d) => [d.name, d]));
+        const missing: { disk: string; bitmap: string }[] = [];
+        const full: CheckpointDefFull = {
+          ...def,
+          name,
+          creationTime: def.creationTime ?? this.now(),
+          disks: def.disks!.map((d) => (d.checkpoint === "bitmap" ? { ...d, bitmap: d.bitmap ?? name } : d)),
+        };
+        for (const d of full.disks) {
+          if (!byName.has(d.name))
+            return errAsync<never, CheckpointError>({
+              code: "unknown-disk",
+              message: `checkpoint '${name}' names disk '${d.name}', which the domain does not have`,
+            });
+          if (d.checkpoint === "bitmap" && !byName.get(d.name)!.bitmaps.some((b) => b.name === d.bitmap))
+            missing.push({ disk: d.name, bitmap: d.bitmap! });
+        }
+        if (missing.length > 0) {
+          return errAsync<never, CheckpointError>({
+            code: "bitmap-missing",
+            message: `cannot redefine checkpoint '${name}': missing in QEMU: ${missing.map((m) => `bitmap '${m.bitmap}' on disk '${m.disk}'`).join(", ")}`,
+            missing,
+          });
+        }
+        const existing = this.store.get(name);
+        if (existing !== undefined && JSON.stringify(existing.disks) !== JSON.stringify(full.disks)) {
+          return errAsync<never, CheckpointError>({
+            code: "duplicate",
+            message: `checkpoint '${name}' exists with other disks; delete it (--metadata) first`,
+          });
+        }
+        const current = this.store.current;
+        const becomesCurrent = current === undefined || current === full.parent;
+        return this.store
+          .save(full)
+          .andThen(() => (becomesCurrent ? this.store.setCurrent(name) : okAsync(undefined)))
+          .map(() => full);
+      });
+  }
+
+  /** virDomainCheckpointDelete with its flags (children, children-only, metadata-only). */
+  delete(client: QmpClient | undefined, name: string, opts: DeleteOptions = {}): ResultAsync<string[], CheckpointError> {
+    const def = this.store.get(name);
+    if (def === undefined)
+      return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
+    const below = opts.children || opts.childrenOnly ? descendants(this.store.all, name, true) : [];
+    const targets = opts.childrenOnly ? below : [def, ...below];
+    const doomed = new Set(targets.map((t) => t.name));
+    const removeBitmaps: ResultAsync<void, CheckpointError> = opts.metadataOnly
+      ? okAsync(undefined)
+      : client === undefined
+        ? errAsync({
+            code: "qmp",
+            message: "the domain is not connected; use --metadata to remove metadata only",
+            cause: { code: "state", state: "idle", message: "not connected" },
+          })
+        : discoverDisks(client)
+            .mapErr((e) => fromQmp("cannot list disks", e))
+            .andThen((disks) => {
+              const actions: TransactionAction[] = [];
+              for (const t of targets) {
+                for (const d of t.disks) {
+                  const disk = disks.find((x) => x.name === d.name);
+                  // a bitmap already gone (invalid checkpoint) is simply not removed again
+                  if (d.bitmap === undefined || disk === undefined || !disk.bitmaps.some((b) => b.name === d.bitmap)) continue;
+                  actions.push({ type: "block-dirty-bitmap-remove", data: { node: disk.nodeName, name: d.bitmap } });
+                }
+              }
+              if (actions.length === 0) return okAsync(undefined);
+              return client
+                .execute("transaction", { actions })
+                .map(() => undefined)
+                .mapErr((e) => fromQmp(`cannot remove bitmaps of checkpoint '${name}'`, e));
+            });
+    return removeBitmaps.andThen(() => this.dropMetadata(targets, doomed));
+  }
+
+  /** Remove metadata leaves-first, re-parenting survivors and moving `current` to the nearest survivor. */
+  private dropMetadata(targets: readonly CheckpointDefFull[], doomed: ReadonlySet<string>): ResultAsync<string[], CheckpointError> {
+    const survivorAncestor = (n: string | undefined): string | undefined => {
+      let cur = n;
+      while (cur !== undefined && doomed.has(cur)) cur = this.store.get(cur)?.parent;
+      return cur;
+    };
+    const order = topological(this.store.all)
+      .filter((c) => doomed.has(c.name))
+      .reverse();
+    const current = this.store.current;
+    const newCurrent = current !== undefined && doomed.has(current) ? survivorAncestor(current) : current;
+    let chain: ResultAsync<void, CheckpointError> = okAsync(undefined);
+    // survivors whose parent goes away get the nearest surviving ancestor
+    for (const c of this.store.all.values()) {
+      if (doomed.has(c.name) || c.parent === undefined || !doomed.has(c.parent)) continue;
+      const parent = survivorAncestor(c.parent);
+      const { parent: _old, ...rest } = c;
+      const updated: CheckpointDefFull = parent === undefined ? rest : { ...rest, parent };
+      chain = chain.andThen(() => this.store.save(updated));
+    }
+    chain = chain.andThen(() => this.store.setCurrent(newCurrent));
+    for (const c of order) chain = chain.andThen(() => this.store.remove(c.name));
+    return chain.map(() => {
+      this.log.info({ deleted: order.map((c) => c.name), current: newCurrent }, "checkpoints deleted");
+      return targets.map((t) => t.name);
+    });
+  }
+
+  /** The checkpoint's XML; with `size`, each disk's bytes changed since it (from QEMU's bitmap counts). */
+  xml(client: QmpClient | undefined, name: string, opts: { size?: boolean } = {}): ResultAsync<string, CheckpointError> {
+    const def = this.store.get(name);
+    if (def === undefined)
+      return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
+    if (!opts.size) return okAsync(checkpointDefFormat(def));
+    if (client === undefined)
+      return errAsync({
+        code: "qmp",
+        message: "sizes need a connected domain",
+        cause: { code: "state", state: "idle", message: "not connected" },
+      });
+    return this.sizes(client, def).map((withSizes) => checkpointDefFormat(withSizes, { size: true }));
+  }
+
+  sizes(client: QmpClient, def: CheckpointDefFull): ResultAsync<CheckpointDefFull, CheckpointError> {
+    return discoverDisks(client)
+      .mapErr((e) => fromQmp("cannot list bitmaps", e))
+      .map((disks) => ({
+        ...def,
+        disks: def.disks.map((d) => {
+          const b = disks.find((x) => x.name === d.name)?.bitmaps.find((x) => x.name === d.bitmap);
+          return d.checkpoint === "bitmap" && b !== undefined ? { ...d, size: b.count } : d;
+        }),
+      }));
+  }
+}
