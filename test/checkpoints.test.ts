@@ -37,7 +37,7 @@ t.test("three checkpoints: sizes track writes; deleting the middle keeps the fir
   (await mgr.create(client, cp("c1")))._unsafeUnwrap();
   // the full backup at c1's point in time (nothing was written since c1)
   const full = join(vm.dir, "full-vda.qcow2");
-  await handBackups(client, vm.dir, "32M", [{ node: vda!.node, target: full, sync: "full" }]);
+  await handBackups(client, "32M", [{ node: vda!.node, target: full, sync: "full" }]);
 
   await vm.write(0, 0x12, MiB, 256 * KiB); // 256K
   (await mgr.create(client, cp("c2")))._unsafeUnwrap();
@@ -76,7 +76,7 @@ t.test("three checkpoints: sizes track writes; deleting the middle keeps the fir
   // incremental since c1, and a full of now, at the same point in time
   const inc = join(vm.dir, "inc-vda.qcow2");
   const now = join(vm.dir, "now-vda.qcow2");
-  await handBackups(client, vm.dir, "32M", [
+  await handBackups(client, "32M", [
     { node: vda!.node, target: inc, sync: "incremental", since: ["c1"] },
     { node: vda!.node, target: now, sync: "full" },
   ]);

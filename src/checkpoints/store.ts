@@ -76,14 +76,14 @@ export class CheckpointStore {
 
   /** Write one checkpoint's metadata (new or replaced); in memory only after it is durable. */
   save(def: CheckpointDefFull): ResultAsync<void, IoError> {
-    return writeFileAtomic(this.fileOf(def.name), checkpointDefFormat(def)).map(() => {
+    return writeFileAtomic(this.fileOf(def.name), checkpointDefFormat(def)).andTee(() => {
       this.defs.set(def.name, def);
     });
   }
 
   /** Remove one checkpoint's metadata. */
   remove(name: string): ResultAsync<void, IoError> {
-    return removeFileDurable(this.fileOf(name)).map(() => {
+    return removeFileDurable(this.fileOf(name)).andTee(() => {
       this.defs.delete(name);
     });
   }
@@ -92,7 +92,7 @@ export class CheckpointStore {
     if (name === this.currentName) return okAsync(undefined);
     const path = join(this.dir, CURRENT_FILE);
     const write = name === undefined ? removeFileDurable(path) : writeFileAtomic(path, `${name}\n`);
-    return write.map(() => {
+    return write.andTee(() => {
       this.currentName = name;
     });
   }

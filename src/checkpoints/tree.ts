@@ -73,7 +73,7 @@ export function renderTree(all: CheckpointMap): string {
     lines.push(top ? c.name : `${prefix}${last ? "└─ " : "├─ "}${c.name}`);
     const kids = idx.get(c.name) ?? [];
     const next = top ? "" : `${prefix}${last ? "   " : "│  "}`;
-    kids.forEach((k, i) => walk(k, next, i === kids.length - 1, false));
+    for (const [i, k] of kids.entries()) walk(k, next, i === kids.length - 1, false);
   };
   for (const r of idx.get(undefined) ?? []) walk(r, "", true, true);
   return lines.length > 0 ? `${lines.join("\n")}\n` : "";

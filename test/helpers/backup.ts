@@ -19,7 +19,7 @@ export interface HandBackup {
 }
 
 /** Run several backups as one transaction (one point in time) and wait for all to finish. */
-export async function handBackups(client: QmpClient, dir: string, size: string, backups: readonly HandBackup[]): Promise<void> {
+export async function handBackups(client: QmpClient, size: string, backups: readonly HandBackup[]): Promise<void> {
   const actions: TransactionAction[] = [];
   const cleanup: (() => Promise<unknown>)[] = [];
   const jobs: string[] = [];
