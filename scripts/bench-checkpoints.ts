@@ -63,10 +63,13 @@ try {
   (await mgr.reconcile(client))._unsafeUnwrap();
   const reconcileMs = ms(s);
 
-  if (listed.length !== N || topo.length !== N || reloaded.size !== N - 1 || tree.split("\n").length < N) throw new Error("counts do not add up");
+  if (listed.length !== N || topo.length !== N || reloaded.size !== N - 1 || tree.split("\n").length < N)
+    throw new Error("counts do not add up");
   const f = (x: number) => x.toFixed(1);
   console.log(`${N} checkpoints on one domain (1 GiB qcow2 disk, QEMU ${vm.monitor.version.qemu.major}.${vm.monitor.version.qemu.minor})`);
-  console.log(`  create all        ${f(createAll)} ms  (per checkpoint p50 ${f(createTimes[N >> 1]!)} ms, p99 ${f(createTimes[Math.floor(N * 0.99)]!)} ms)`);
+  console.log(
+    `  create all        ${f(createAll)} ms  (per checkpoint p50 ${f(createTimes[N >> 1]!)} ms, p99 ${f(createTimes[Math.floor(N * 0.99)]!)} ms)`,
+  );
   console.log(`  list (by age)     ${f(listMs)} ms   (goal < 50 ms)`);
   console.log(`  topological       ${f(topoMs)} ms`);
   console.log(`  tree rendering    ${f(treeMs)} ms`);
