@@ -200,6 +200,15 @@ export class XmlWriter {
     return this;
   }
 
+  /** Write a parsed element back verbatim (opaque subtrees such as <encryption> or <seclabel>). */
+  element(el: XmlElement): this {
+    if (el.children.length === 0 && el.text === "") return this.empty(el.name, el.attrs);
+    if (el.children.length === 0) return this.text(el.name, el.text, el.attrs);
+    this.open(el.name, el.attrs);
+    for (const c of el.children) this.element(c);
+    return this.close(el.name);
+  }
+
   toString(): string {
     return `${this.lines.join("\n")}\n`;
   }
