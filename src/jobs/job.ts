@@ -1,0 +1,508 @@
+/**
+ * One backup job on one domain: begin → inprogress → ready, or failed /
+ * cancelled. Begin builds everything first (files, nodes), then starts every
+ * disk's job in one transaction, then (pull) serves the exports; each step
+ * sets a flag, and teardown undoes exactly what the flags say happened
+ * (libvirt's qemuBackupBegin habit). The disks are one unit: when one disk's
+ * job fails the others are cancelled and the whole backup fails, and a
+ * checkpoint created with it is removed.
+ *
+ * Driven by QEMU's JOB_STATUS_CHANGE events; `query-jobs` is the truth about
+ * a job's outcome (auto-dismiss is off, so a concluded job stays readable
+ * until we dismiss it).
+ */
+import { errAsync, okAsync, ResultAsync } from "neverthrow";
+import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
+import { type BackupDef, backupDefFormat } from "../conf/backup.js";
+import type { Logger } from "../log.js";
+import type { QmpClient } from "../qmp/client.js";
+import { qmpErrorMessage } from "../qmp/errors.js";
+import type { EventListener } from "../qmp/events.js";
+import type { BackupError } from "./errors.js";
+import { imageCreate, imageRemove } from "./images.js";
+import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
+
+export type JobState = "begin" | "inprogress" | "ready" | "failed" | "cancelled";
+export type DiskJobState = "begin" | "running" | "complete" | "failed" | "cancelled";
+
+export interface DiskProgress {
+  readonly name: string;
+  readonly state: DiskJobState;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  readonly file: string;
+  readonly exportName?: string | undefined;
+  readonly exportBitmap?: string | undefined;
+  readonly error?: string | undefined;
+}
+
+export interface JobInfo {
+  readonly id: string;
+  readonly domain: string;
+  readonly mode: BackupDef["mode"];
+  readonly state: JobState;
+  /** True until torn down (a ready pull stays active until ended). */
+  readonly active: boolean;
+  readonly incremental: string | undefined;
+  readonly checkpoint: string | undefined;
+  readonly startedAt: string;
+  readonly endedAt: string | undefined;
+  readonly elapsedMs: number;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  /** Bytes per second over the job so far. */
+  readonly rate: number;
+  readonly error: string | undefined;
+  readonly nbd: string | undefined;
+  readonly disks: readonly DiskProgress[];
+}
+
+export type JobEventType = "started" | "progress" | "ready" | "failed" | "cancelled" | "ended";
+export interface JobEvent {
+  readonly type: JobEventType;
+  readonly info: JobInfo;
+}
+
+export interface JobContext {
+  readonly id: string;
+  readonly domain: string;
+  readonly client: QmpClient;
+  readonly checkpoints: CheckpointManager;
+  readonly def: BackupDef;
+  readonly plans: readonly DiskPlan[];
+  readonly planOpts: PlanOptions;
+  readonly checkpoint: PreparedCheckpoint | undefined;
+  readonly nbd: NbdServerPlan | undefined;
+  /** Runs the transaction, with the guest frozen when asked. */
+  readonly runTransaction: (tx: () => ResultAsync<void, BackupError>) => ResultAsync<void, BackupError>;
+  readonly logger: Logger;
+  readonly emit: (e: JobEvent) => void;
+}
+
+export interface NbdServerPlan {
+  readonly addr: { type: "unix"; data: { path: string } } | { type: "inet"; data: { host: string; port: string } };
+  readonly tlsCreds?: { readonly id: string; readonly dir: string } | undefined;
+  /** For display: nbd+unix:///?socket=… or nbd://host:port */
+  readonly uri: string;
+}
+
+interface DiskRuntime {
+  readonly plan: DiskPlan;
+  state: DiskJobState;
+  fileCreated: boolean;
+  nodeAdded: boolean;
+  jobStarted: boolean;
+  jobDismissed: boolean;
+  exportAdded: boolean;
+  bytesDone: number;
+  bytesTotal: number;
+  error: string | undefined;
+}
+
+const fail = (message: string): BackupError => ({ code: "job-failed", message });
+
+export class BackupJob {
+  private stateValue: JobState = "begin";
+  private activeValue = true;
+  private readonly disks: DiskRuntime[];
+  private readonly started = Date.now();
+  private endedAt: number | undefined;
+  private errorText: string | undefined;
+  private txDone = false;
+  private tempBitmapsAdded = false;
+  private checkpointCommitted = false;
+  private nbdStarted = false;
+  private tlsAdded = false;
+  private listener: EventListener<"JOB_STATUS_CHANGE"> | undefined;
+  private finishing: Promise<void> | undefined;
+  private readonly waiters: (() => void)[] = [];
+  private readonly log: Logger;
+
+  constructor(private readonly ctx: JobContext) {
+    this.log = ctx.logger.child({ domain: ctx.domain, job: ctx.id });
+    this.disks = ctx.plans.map((plan) => ({
+      plan,
+      state: "begin",
+      fileCreated: false,
+      nodeAdded: false,
+      jobStarted: false,
+      jobDismissed: false,
+      exportAdded: false,
+      bytesDone: 0,
+      bytesTotal: plan.virtualSize,
+      error: undefined,
+    }));
+  }
+
+  get state(): JobState {
+    return this.stateValue;
+  }
+
+  get active(): boolean {
+    return this.activeValue;
+  }
+
+  get mode(): BackupDef["mode"] {
+    return this.ctx.def.mode;
+  }
+
+  /** The backup XML with every default filled in (backup-dumpxml). */
+  xml(): string {
+    return backupDefFormat(this.ctx.def);
+  }
+
+  info(): JobInfo {
+    const now = this.endedAt ?? Date.now();
+    const bytesDone = this.disks.reduce((a, d) => a + d.bytesDone, 0);
+    const bytesTotal = this.disks.reduce((a, d) => a + d.bytesTotal, 0);
+    const elapsedMs = now - this.started;
+    const incs = [...new Set(this.disks.map((d) => d.plan.incremental?.checkpoint).filter((x) => x !== undefined))];
+    return {
+      id: this.ctx.id,
+      domain: this.ctx.domain,
+      mode: this.ctx.def.mode,
+      state: this.stateValue,
+      active: this.activeValue,
+      incremental: incs.length === 0 ? undefined : incs.join(","),
+      checkpoint: this.ctx.checkpoint?.def.name,
+      startedAt: new Date(this.started).toISOString(),
+      endedAt: this.endedAt === undefined ? undefined : new Date(this.endedAt).toISOString(),
+      elapsedMs,
+      bytesDone,
+      bytesTotal,
+      rate: elapsedMs > 0 ? Math.round((bytesDone * 1000) / elapsedMs) : 0,
+      error: this.errorText,
+      nbd: this.ctx.nbd?.uri,
+      disks: this.disks.map((d) => ({
+        name: d.plan.disk,
+        state: d.state,
+        bytesDone: d.bytesDone,
+        bytesTotal: d.bytesTotal,
+        file: d.plan.file,
+        exportName: d.plan.export?.name,
+        exportBitmap: d.plan.export?.bitmap,
+        error: d.error,
+      })),
+    };
+  }
+
+  /** Refresh per-disk progress from query-jobs (for domjobinfo and progress events). */
+  refreshProgress(): ResultAsync<JobInfo, BackupError> {
+    if (this.stateValue !== "inprogress") return okAsync(this.info());
+    return this.ctx.client
+      .execute("query-jobs")
+      .map((jobs) => {
+        for (const d of this.disks) {
+          const j = jobs.find((x) => x.id === d.plan.jobId);
+          if (j !== undefined && d.state === "running") {
+            d.bytesDone = j["current-progress"];
+            d.bytesTotal = j["total-progress"] || d.bytesTotal;
+          }
+        }
+        return this.info();
+      })
+      .orElse(() => okAsync(this.info()));
+  }
+
+  /** Resolves when the job reaches ready (push: complete), failed or cancelled. */
+  settled(): Promise<JobInfo> {
+    if (this.stateValue === "ready" || this.stateValue === "failed" || this.stateValue === "cancelled") {
+      return Promise.resolve(this.info());
+    }
+    return new Promise((r) => this.waiters.push(() => r(this.info())));
+  }
+
+  private setState(s: JobState, event: JobEventType): void {
+    this.stateValue = s;
+    this.log.info({ state: s }, `backup ${event}`);
+    this.ctx.emit({ type: event, info: this.info() });
+    if (s === "ready" || s === "failed" || s === "cancelled") for (const w of this.waiters.splice(0)) w();
+  }
+
+  // ---------------------------------------------------------------- begin
+
+  begin(): ResultAsync<JobInfo, BackupError> {
+    const { client, def } = this.ctx;
+    this.listener = client.listen(["JOB_STATUS_CHANGE"], (e) => this.disks.some((d) => d.plan.jobId === e.data.id));
+    client.onClose((info) => this.onDisconnect(info.message));
+    const steps = this.createFiles()
+      .andThen(() => this.addNodes())
+      .andThen(() => this.ctx.runTransaction(() => this.transaction()))
+      .andThen(() => this.commitCheckpoint())
+      .andThen(() => (def.mode === "pull" ? this.startExports() : okAsync(undefined)));
+    return new ResultAsync(
+      (async () => {
+        const r = await steps;
+        if (r.isErr()) {
+          this.errorText = r.error.message;
+          await this.teardown("failed");
+          return r.map(() => this.info());
+        }
+        for (const d of this.disks) d.state = "running";
+        void this.watch();
+        if (def.mode === "pull") {
+          this.setState("inprogress", "started");
+          this.setState("ready", "ready");
+        } else {
+          this.setState("inprogress", "started");
+        }
+        return r.map(() => this.info());
+      })(),
+    );
+  }
+
+  private createFiles(): ResultAsync<void, BackupError> {
+    const todo = this.disks.filter((d) => d.plan.createFile);
+    return ResultAsync.combine(
+      todo.map((d) =>
+        imageCreate({ path: d.plan.file, format: d.plan.format, size: d.plan.virtualSize, clusterSize: d.plan.clusterSize }).map(() => {
+          d.fileCreated = true;
+        }),
+      ),
+    ).map(() => undefined);
+  }
+
+  private addNodes(): ResultAsync<void, BackupError> {
+    let chain: ResultAsync<void, BackupError> = okAsync(undefined);
+    for (const d of this.disks) {
+      chain = chain.andThen(() =>
+        this.ctx.client
+          .execute("blockdev-add", targetBlockdev(d.plan, this.ctx.def.mode))
+          .map(() => {
+            d.nodeAdded = true;
+          })
+          .mapErr((e) => fail(`cannot open ${d.plan.file} for disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
+      );
+    }
+    return chain;
+  }
+
+  private transaction(): ResultAsync<void, BackupError> {
+    const actions = backupTransaction(this.ctx.plans, this.ctx.checkpoint?.actions ?? [], this.ctx.planOpts);
+    return this.ctx.client
+      .execute("transaction", { actions })
+      .map(() => {
+        this.txDone = true;
+        this.tempBitmapsAdded = true;
+        for (const d of this.disks) d.jobStarted = true;
+      })
+      .mapErr((e) => fail(`cannot start the backup: ${qmpErrorMessage(e)}`));
+  }
+
+  private commitCheckpoint(): ResultAsync<void, BackupError> {
+    const cp = this.ctx.checkpoint;
+    if (cp === undefined) return okAsync(undefined);
+    return this.ctx.checkpoints
+      .commit(cp.def)
+      .map(() => {
+        this.checkpointCommitted = true;
+      })
+      .orElse((e) =>
+        // metadata could not be written: the bitmaps must not outlive the backup
+        this.ctx.checkpoints
+          .discard(this.ctx.client, cp)
+          .orElse(() => okAsync(undefined))
+          .andThen(() => errAsync(e)),
+      );
+  }
+
+  private startExports(): ResultAsync<void, BackupError> {
+    const nbd = this.ctx.nbd!;
+    const c = this.ctx.client;
+    const tls: ResultAsync<void, BackupError> =
+      nbd.tlsCreds === undefined
+        ? okAsync(undefined)
+        : c
+            .execute("object-add", {
+              "qom-type": "tls-creds-x509",
+              id: nbd.tlsCreds.id,
+              dir: nbd.tlsCreds.dir,
+              endpoint: "server",
+              "verify-peer": false,
+            })
+            .map(() => {
+              this.tlsAdded = true;
+            })
+            .mapErr((e) => fail(`cannot load TLS credentials: ${qmpErrorMessage(e)}`));
+    let chain = tls.andThen(() =>
+      c
+        .execute("nbd-server-start", { addr: nbd.addr, ...(nbd.tlsCreds ? { "tls-creds": nbd.tlsCreds.id } : {}) })
+        .map(() => {
+          this.nbdStarted = true;
+        })
+        .mapErr((e) => fail(`cannot start the NBD server at ${nbd.uri}: ${qmpErrorMessage(e)}`)),
+    );
+    for (const d of this.disks) {
+      chain = chain.andThen(() =>
+        c
+          .execute("block-export-add", exportArgs(d.plan))
+          .map(() => {
+            d.exportAdded = true;
+          })
+          .mapErr((e) => fail(`cannot export disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
+      );
+    }
+    return chain;
+  }
+
+  // ---------------------------------------------------------------- run
+
+  private async watch(): Promise<void> {
+    const l = this.listener!;
+    for (;;) {
+      const e = await l.next();
+      if (e === undefined) return;
+      if (e.data.status !== "concluded") continue;
+      const d = this.disks.find((x) => x.plan.jobId === e.data.id);
+      if (d === undefined || d.state !== "running") continue;
+      await this.onConcluded(d);
+      if (this.finishing !== undefined) return;
+    }
+  }
+
+  private async onConcluded(d: DiskRuntime): Promise<void> {
+    const jobs = await this.ctx.client.execute("query-jobs");
+    const j = jobs.isOk() ? jobs.value.find((x) => x.id === d.plan.jobId) : undefined;
+    if (j === undefined) {
+      d.state = "failed";
+      d.error = "job vanished from QEMU";
+    } else if (j.error !== undefined) {
+      d.state = "failed";
+      d.error = j.error;
+      d.bytesDone = j["current-progress"];
+    } else {
+      d.state = "complete";
+      d.bytesDone = j["total-progress"];
+      d.bytesTotal = j["total-progress"];
+    }
+    const dismissed = await this.ctx.client.execute("job-dismiss", { id: d.plan.jobId });
+    if (dismissed.isOk()) d.jobDismissed = true;
+    if (d.state === "failed") {
+      this.errorText = `disk '${d.plan.disk}': ${d.error}`;
+      this.log.error({ disk: d.plan.disk, error: d.error }, "disk backup job failed; failing the whole backup");
+      this.finishing ??= this.teardown("failed");
+      return;
+    }
+    if (this.ctx.def.mode === "push" && this.disks.every((x) => x.state === "complete")) {
+      this.finishing ??= this.teardown("ready");
+    }
+  }
+
+  private onDisconnect(reason: string): void {
+    if (!this.activeValue) return;
+    this.errorText = `QEMU connection lost: ${reason}`;
+    // Nothing more can be asked of QEMU; what lives in QEMU died with it or is found at the next start.
+    for (const d of this.disks) {
+      d.nodeAdded = false;
+      d.jobStarted = false;
+      d.exportAdded = false;
+      if (d.state === "running" || d.state === "begin") d.state = "failed";
+    }
+    this.nbdStarted = false;
+    this.tlsAdded = false;
+    this.tempBitmapsAdded = false;
+    this.finishing ??= this.teardown("failed");
+  }
+
+  /** Pull: the caller is done; push: abort. */
+  end(): Promise<JobInfo> {
+    if (this.finishing === undefined) {
+      if (this.ctx.def.mode === "pull" && this.stateValue === "ready") this.finishing = this.teardown("ready");
+      else {
+        this.errorText ??= "aborted by request";
+        this.finishing = this.teardown("cancelled");
+      }
+    }
+    return this.finishing.then(() => this.info());
+  }
+
+  // ---------------------------------------------------------------- teardown
+
+  /**
+   * Undo what the flags say happened, in reverse order. Best effort: each
+   * step runs even when an earlier one failed, and failures are logged.
+   */
+  private async teardown(outcome: "ready" | "failed" | "cancelled"): Promise<void> {
+    const c = this.ctx.client;
+    const step = async (what: string, r: ResultAsync<unknown, unknown>): Promise<void> => {
+      const x = await r;
+      if (x.isErr()) {
+        const e = x.error as { code?: string; desc?: string; message?: string };
+        this.log.warn({ step: what, error: e.desc ?? e.message ?? e.code }, "teardown step failed");
+      }
+    };
+    const connected = c.runstate === "running";
+    if (connected) {
+      for (const d of this.disks)
+        if (d.exportAdded) await step("block-export-del", c.execute("block-export-del", { id: d.plan.export!.id, mode: "hard" }));
+      if (this.nbdStarted) await step("nbd-server-stop", c.execute("nbd-server-stop"));
+      if (this.tlsAdded) await step("object-del", c.execute("object-del", { id: this.ctx.nbd!.tlsCreds!.id }));
+      await this.cancelJobs();
+      for (const d of this.disks)
+        if (d.nodeAdded) await step("blockdev-del", c.execute("blockdev-del", { "node-name": d.plan.targetNode }));
+      if (this.tempBitmapsAdded) {
+        for (const d of this.disks) {
+          if (d.plan.tempBitmap !== undefined && d.plan.incremental !== undefined) {
+            await step("bitmap-remove", c.execute("block-dirty-bitmap-remove", { node: d.plan.node, name: d.plan.tempBitmap }));
+          }
+        }
+      }
+    }
+    this.listener?.close();
+    // Scratch files always go; targets only when the backup did not succeed.
+    const removeFiles = this.ctx.def.mode === "pull" || outcome !== "ready";
+    if (removeFiles) for (const d of this.disks) if (d.fileCreated) await imageRemove(d.plan.file);
+    // A checkpoint created with a push that did not complete must not claim a backup exists.
+    if (this.ctx.checkpoint !== undefined && outcome !== "ready") {
+      if (this.checkpointCommitted) {
+        await step(
+          "checkpoint-delete",
+          this.ctx.checkpoints.delete(connected ? c : undefined, this.ctx.checkpoint.def.name, { metadataOnly: !connected }),
+        );
+      } else if (this.txDone && connected) {
+        await step("checkpoint-discard", this.ctx.checkpoints.discard(c, this.ctx.checkpoint));
+      }
+    }
+    for (const d of this.disks) {
+      if (d.state === "running" || d.state === "begin")
+        d.state = outcome === "cancelled" ? "cancelled" : outcome === "ready" ? "complete" : "failed";
+    }
+    this.endedAt = Date.now();
+    this.activeValue = false;
+    const event: JobEventType = outcome === "ready" ? "ready" : outcome;
+    if (outcome !== this.stateValue) this.setState(outcome, event);
+    this.ctx.emit({ type: "ended", info: this.info() });
+    if (outcome === "failed") this.log.error({ error: this.errorText }, "backup failed");
+  }
+
+  /** Cancel jobs still running and dismiss every concluded job of ours. */
+  private async cancelJobs(): Promise<void> {
+    const c = this.ctx.client;
+    const mine = this.disks.filter((d) => d.jobStarted && !d.jobDismissed);
+    if (mine.length === 0) return;
+    const concluded = c.listen(["JOB_STATUS_CHANGE"], (e) => e.data.status === "concluded" && mine.some((d) => d.plan.jobId === e.data.id));
+    const jobs = await c.execute("query-jobs");
+    const live = jobs.isOk() ? jobs.value.filter((j) => mine.some((d) => d.plan.jobId === j.id)) : [];
+    const waiting = new Set(live.filter((j) => j.status !== "concluded").map((j) => j.id));
+    for (const id of waiting) {
+      const r = await c.execute("job-cancel", { id });
+      if (r.isErr()) this.log.warn({ job: id, error: qmpErrorMessage(r.error) }, "job-cancel failed");
+      const d = mine.find((x) => x.plan.jobId === id);
+      if (d !== undefined && d.state === "running") d.state = "cancelled";
+    }
+    const deadline = Date.now() + 30_000;
+    while (waiting.size > 0 && Date.now() < deadline) {
+      const e = await concluded.next(deadline - Date.now());
+      if (e === undefined) break;
+      waiting.delete(e.data.id);
+    }
+    concluded.close();
+    for (const j of live) {
+      const r = await c.execute("job-dismiss", { id: j.id });
+      if (r.isOk()) {
+        const d = mine.find((x) => x.plan.jobId === j.id);
+        if (d !== undefined) d.jobDismissed = true;
+      }
+    }
+  }
+}

@@ -1,0 +1,370 @@
+/**
+ * The job manager: at most one backup per domain. `begin` validates the
+ * whole request before touching QEMU (domain connected, not busy, disks,
+ * checkpoints valid, paths allowed and free, server sane), then hands a
+ * plan to a BackupJob. Keeps the last finished job's info per domain
+ * (domjobinfo --completed) and fans job events out to subscribers.
+ */
+import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { errAsync, okAsync, ResultAsync } from "neverthrow";
+import { withFrozenGuest } from "../agent/quiesce.js";
+import { fromAgent } from "../checkpoints/errors.js";
+import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
+import { type BackupDef, type BackupDiskDef, backupDefAlign, backupDefParse } from "../conf/backup.js";
+import { type CheckpointDef, type CheckpointDefFull, checkpointDefParse } from "../conf/checkpoint.js";
+import type { Logger } from "../log.js";
+import type { QmpClient } from "../qmp/client.js";
+import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
+import { ensureDir } from "../util/atomic-file.js";
+import type { BackupError } from "./errors.js";
+import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
+import { checkBackupPath } from "./paths.js";
+import { type DiskPlan, type PlanOptions, planDisk } from "./plan.js";
+import { freeTcpPort } from "./ports.js";
+
+/** What the job manager needs of a domain. */
+export interface BackupDomain {
+  readonly name: string;
+  /** The current QMP connection, if any. */
+  client(): QmpClient | undefined;
+  readonly checkpoints: CheckpointManager;
+  readonly agentPath?: string | undefined;
+  /** blockdev-backup x-perf available (from the capability probe). */
+  readonly backupPerf: boolean;
+}
+
+export interface JobManagerOptions {
+  readonly logger: Logger;
+  /** Generated target/scratch files go to <backupDir>/<domain>/. */
+  readonly backupDir: string;
+  /** Targets and scratch files must lie under one of these. */
+  readonly allowedDirs: readonly string[];
+  /** Directory with x509 server credentials for NBD over TLS (ca-cert.pem, server-cert.pem, server-key.pem). */
+  readonly tlsDir?: string | undefined;
+  /** Allow plain-text NBD on a non-loopback address. */
+  readonly allowPlainTcp?: boolean;
+}
+
+export interface BeginOptions {
+  /** Use caller-created target files as they are (libvirt's REUSE_EXTERNAL). */
+  readonly reuseExternal?: boolean;
+  /** Freeze guest filesystems around the transaction. */
+  readonly quiesce?: boolean;
+  /** Bytes per second per disk. */
+  readonly bandwidth?: number;
+}
+
+const LOOPBACK = new Set(["localhost", "127.0.0.1", "::1", "ip6-localhost"]);
+
+export class JobManager {
+  private readonly active = new Map<string, BackupJob>();
+  /** Domains whose begin is under way (validation is async: reserve the slot first). */
+  private readonly beginning = new Set<string>();
+  private readonly completed = new Map<string, JobInfo>();
+  private readonly subscribers = new Set<(e: JobEvent) => void>();
+  private readonly log: Logger;
+
+  constructor(private readonly opts: JobManagerOptions) {
+    this.log = opts.logger;
+  }
+
+  subscribe(fn: (e: JobEvent) => void): () => void {
+    this.subscribers.add(fn);
+    return () => this.subscribers.delete(fn);
+  }
+
+  private emit(e: JobEvent): void {
+    if (!e.info.active) this.completed.set(e.info.domain, e.info);
+    if (e.type === "ended" && this.active.get(e.info.domain)?.info().id === e.info.id) this.active.delete(e.info.domain);
+    for (const fn of this.subscribers) {
+      try {
+        fn(e);
+      } catch (err) {
+        this.log.error({ err }, "job event subscriber threw");
+      }
+    }
+  }
+
+  job(domain: string): BackupJob | undefined {
+    return this.active.get(domain);
+  }
+
+  /** The running job's info; with `completed`, the last finished job's. */
+  info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<JobInfo, BackupError> {
+    if (opts.completed) {
+      const c = this.completed.get(domain);
+      return c === undefined ? errAsync({ code: "no-job", message: `no finished backup job on domain '${domain}'` }) : okAsync(c);
+    }
+    const j = this.active.get(domain);
+    if (j === undefined) return errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` });
+    return j.refreshProgress();
+  }
+
+  xml(domain: string): ResultAsync<string, BackupError> {
+    const j = this.active.get(domain);
+    return j === undefined ? errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` }) : okAsync(j.xml());
+  }
+
+  /** End a pull backup, or abort a push (virDomainAbortJob). */
+  end(domain: string): ResultAsync<JobInfo, BackupError> {
+    const j = this.active.get(domain);
+    if (j === undefined) return errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` });
+    return ResultAsync.fromSafePromise(j.end());
+  }
+
+  /** Wait until the running job is ready (push: complete), failed or cancelled. */
+  wait(domain: string, timeoutMs?: number): ResultAsync<JobInfo, BackupError> {
+    const j = this.active.get(domain);
+    if (j === undefined) {
+      const c = this.completed.get(domain);
+      return c === undefined ? errAsync({ code: "no-job", message: `no backup job on domain '${domain}'` }) : okAsync(c);
+    }
+    const settled = j.settled();
+    if (timeoutMs === undefined) return ResultAsync.fromSafePromise(settled);
+    return ResultAsync.fromSafePromise(
+      Promise.race([settled, new Promise<undefined>((r) => setTimeout(() => r(undefined), timeoutMs).unref())]),
+    ).andThen((x) =>
+      x === undefined ? errAsync<JobInfo, BackupError>({ code: "job-failed", message: `timed out after ${timeoutMs} ms` }) : okAsync(x),
+    );
+  }
+
+  /** virDomainBackupBegin. */
+  begin(
+    domain: BackupDomain,
+    backupXml: string | undefined,
+    checkpointXml: string | undefined,
+    opts: BeginOptions = {},
+  ): ResultAsync<JobInfo, BackupError> {
+    if (this.active.has(domain.name) || this.beginning.has(domain.name)) {
+      return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
+    }
+    const client = domain.client();
+    if (client === undefined || client.runstate !== "running") {
+      return errAsync({ code: "not-connected", message: `domain '${domain.name}' is not connected to QEMU` });
+    }
+    this.beginning.add(domain.name);
+    const release = () => this.beginning.delete(domain.name);
+    const r = this.prepare(domain, client, backupXml, checkpointXml, opts).andThen((job) => {
+      this.active.set(domain.name, job);
+      release();
+      return job.begin().orElse((e) => {
+        this.active.delete(domain.name);
+        return errAsync(e);
+      });
+    });
+    return new ResultAsync(
+      (async () => {
+        const x = await r;
+        release();
+        return x;
+      })(),
+    );
+  }
+
+  private prepare(
+    domain: BackupDomain,
+    client: QmpClient,
+    backupXml: string | undefined,
+    checkpointXml: string | undefined,
+    opts: BeginOptions,
+  ): ResultAsync<BackupJob, BackupError> {
+    const parsed =
+      backupXml === undefined || backupXml.trim() === ""
+        ? okAsync<BackupDef, BackupError>({ mode: "push" })
+        : backupDefParse(backupXml).asyncAndThen((d) => okAsync(d));
+    const cpDef: ResultAsync<CheckpointDef | undefined, BackupError> =
+      checkpointXml === undefined || checkpointXml.trim() === ""
+        ? okAsync(undefined)
+        : checkpointDefParse(checkpointXml).asyncAndThen((d) => okAsync(d));
+    const id = randomBytes(4).toString("hex");
+    const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*$/, "");
+    const domainDir = join(this.opts.backupDir, domain.name);
+    return parsed.andThen((def) =>
+      cpDef.andThen((cp) =>
+        ensureDir(domainDir).andThen(() =>
+          discoverDisks(client)
+            .mapErr((e): BackupError => ({ code: "qmp", message: `cannot list disks of '${domain.name}'`, cause: e }))
+            .andThen((disks) => {
+              const suffix = def.mode === "push" ? "qcow2" : "scratch.qcow2";
+              const aligned = backupDefAlign(
+                def,
+                disks.map((d) => d.name),
+                { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
+              );
+              if (aligned.isErr()) return errAsync<BackupJob, BackupError>(aligned.error);
+              return this.validate(domain, client, aligned.value, disks, opts).andThen(({ plans, checkpoints }) =>
+                (cp === undefined
+                  ? okAsync<PreparedCheckpoint | undefined, BackupError>(undefined)
+                  : domain.checkpoints.prepare(cp, disks)
+                ).andThen((prepared) =>
+                  this.serverPlan(domain, aligned.value).map((nbd) =>
+                    this.build(domain, client, id, aligned.value, plans, prepared, nbd, opts, checkpoints),
+                  ),
+                ),
+              );
+            }),
+        ),
+      ),
+    );
+  }
+
+  private validate(
+    domain: BackupDomain,
+    client: QmpClient,
+    def: BackupDef,
+    disks: readonly DiskInfo[],
+    opts: BeginOptions,
+  ): ResultAsync<{ plans: DiskPlan[]; checkpoints: Map<string, CheckpointDefFull> }, BackupError> {
+    const selected = (def.disks ?? []).filter((d): d is BackupDiskDef => d.backup);
+    for (const d of selected) {
+      if (d.store?.extra.some((x) => x.name === "encryption"))
+        return errAsync({ code: "unsupported", message: `disk '${d.name}': encrypted backup images are not supported` });
+      if (d.type === "block")
+        return errAsync({ code: "unsupported", message: `disk '${d.name}': block device targets are not supported; use a file` });
+    }
+    if (def.server?.transport === "fd")
+      return errAsync({ code: "unsupported", message: "NBD over a passed file descriptor (transport='fd') is not supported" });
+    // every checkpoint an incremental starts from is checked against QEMU now
+    const cpNames = [...new Set(selected.map((d) => d.incremental).filter((x): x is string => x !== undefined))];
+    const checks = cpNames.map((n) => domain.checkpoints.requireValid(client, n));
+    const planOpts: PlanOptions = {
+      mode: def.mode,
+      reuse: opts.reuseExternal === true,
+      bandwidth: opts.bandwidth,
+      backupPerf: domain.backupPerf,
+    };
+    return ResultAsync.combine(checks).andThen((cps) => {
+      const checkpoints = new Map(cps.map((c) => [c.name, c]));
+      const pathChecks = selected.map((d) =>
+        checkBackupPath(
+          d.store!.file!,
+          this.opts.allowedDirs,
+          opts.reuseExternal === true,
+          def.mode === "push" ? `target of disk '${d.name}'` : `scratch of disk '${d.name}'`,
+        ),
+      );
+      return ResultAsync.combine(pathChecks).andThen((paths) => {
+        const plans: DiskPlan[] = [];
+        const seen = new Set<string>();
+        for (const [i, d] of selected.entries()) {
+          const p = paths[i]!;
+          if (seen.has(p.path))
+            return errAsync<never, BackupError>({ code: "path-refused", message: `two disks would write to ${p.path}` });
+          seen.add(p.path);
+          const source = disks.find((x) => x.name === d.name)!;
+          if (d.backupmode === "incremental" && source.format !== "qcow2") {
+            return errAsync<never, BackupError>({
+              code: "unsupported-disk",
+              message: `disk '${d.name}' is ${source.format}: incremental backups need qcow2 bitmaps`,
+            });
+          }
+          const withPath: BackupDiskDef = { ...d, store: { ...d.store!, file: p.path } };
+          const plan = planDisk(i, withPath, source, checkpoints, planOpts, p.exists);
+          if (typeof plan === "string") return errAsync<never, BackupError>({ code: "xml-invalid", message: plan });
+          plans.push(plan);
+        }
+        return okAsync({ plans, checkpoints });
+      });
+    });
+  }
+
+  private serverPlan(domain: BackupDomain, def: BackupDef): ResultAsync<NbdServerPlan | undefined, BackupError> {
+    if (def.mode !== "pull") return okAsync(undefined);
+    const s = def.server ?? { transport: "tcp" as const, name: "localhost" };
+    const tlsCreds = s.tls ? this.tlsCreds(domain) : undefined;
+    if (s.tls && tlsCreds === undefined)
+      return errAsync({ code: "unsupported", message: "tls='yes' needs an x509 credentials directory (tlsDir) in the configuration" });
+    if (s.transport === "unix") {
+      return okAsync({ addr: { type: "unix", data: { path: s.socket } }, tlsCreds, uri: `nbd+unix:///?socket=${s.socket}` });
+    }
+    if (s.transport !== "tcp") return errAsync({ code: "unsupported", message: "unsupported NBD transport" });
+    if (!LOOPBACK.has(s.name) && !s.tls && !this.opts.allowPlainTcp) {
+      return errAsync({
+        code: "path-refused",
+        message: `NBD on ${s.name} (not loopback) without TLS is refused; use tls='yes' or allow plain TCP in the configuration`,
+      });
+    }
+    if (!LOOPBACK.has(s.name) && !s.tls)
+      this.log.warn({ domain: domain.name, host: s.name }, "serving NBD in plain text on a non-loopback address, as configured");
+    const port =
+      s.port !== undefined
+        ? okAsync(s.port)
+        : ResultAsync.fromPromise(
+            freeTcpPort(s.name),
+            (e): BackupError => ({ code: "unsupported", message: `no free TCP port on ${s.name}: ${(e as Error).message}` }),
+          );
+    return port.map((p) => ({
+      addr: { type: "inet" as const, data: { host: s.name, port: String(p) } },
+      tlsCreds,
+      uri: `nbd://${s.name}:${p}`,
+    }));
+  }
+
+  private tlsCreds(domain: BackupDomain): NbdServerPlan["tlsCreds"] {
+    return this.opts.tlsDir === undefined ? undefined : { id: `qbk-tls-${domain.name}`.slice(0, 60), dir: this.opts.tlsDir };
+  }
+
+  private build(
+    domain: BackupDomain,
+    client: QmpClient,
+    id: string,
+    def: BackupDef,
+    plans: DiskPlan[],
+    checkpoint: PreparedCheckpoint | undefined,
+    nbd: NbdServerPlan | undefined,
+    opts: BeginOptions,
+    _checkpoints: Map<string, CheckpointDefFull>,
+  ): BackupJob {
+    // what backup-dumpxml shows: every default filled in (libvirt fills these at job start)
+    const filled: BackupDef = {
+      ...def,
+      ...(nbd !== undefined && def.server?.transport !== "unix"
+        ? {
+            server: {
+              transport: "tcp",
+              name: (nbd.addr as { data: { host: string } }).data.host,
+              port: Number((nbd.addr as { data: { port: string } }).data.port),
+              ...(def.server?.tls ? { tls: true } : {}),
+            },
+          }
+        : {}),
+      disks: (def.disks ?? []).map((d) => {
+        const p = plans.find((x) => x.disk === d.name);
+        if (p === undefined) return d;
+        return {
+          ...d,
+          ...(def.mode === "pull" ? { exportname: p.export!.name, ...(p.export!.bitmap ? { exportbitmap: p.export!.bitmap } : {}) } : {}),
+          driver: p.format,
+          store: { ...d.store!, file: p.file },
+        };
+      }),
+    };
+    const planOpts: PlanOptions = {
+      mode: def.mode,
+      reuse: opts.reuseExternal === true,
+      bandwidth: opts.bandwidth,
+      backupPerf: domain.backupPerf,
+    };
+    const log = this.log;
+    return new BackupJob({
+      id,
+      domain: domain.name,
+      client,
+      checkpoints: domain.checkpoints,
+      def: filled,
+      plans,
+      planOpts,
+      checkpoint,
+      nbd,
+      logger: log,
+      emit: (e) => this.emit(e),
+      runTransaction: (tx) =>
+        opts.quiesce
+          ? withFrozenGuest(domain.agentPath, log, tx).mapErr(
+              (e): BackupError => (e.stage === "freeze" ? fromAgent("cannot quiesce the guest", e.error) : e.error),
+            )
+          : tx(),
+    });
+  }
+}

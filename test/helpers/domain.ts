@@ -1,0 +1,47 @@
+/** A domain wired for backups in tests: real VM, QMP client, checkpoint store, job manager. */
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { CheckpointManager } from "../../src/checkpoints/manager.js";
+import { CheckpointStore } from "../../src/checkpoints/store.js";
+import type { BackupDomain } from "../../src/jobs/manager.js";
+import { JobManager } from "../../src/jobs/manager.js";
+import { probeCapabilities, QmpClient } from "../../src/qmp/index.js";
+import { type DiskSpec, type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./qemu.js";
+
+export interface TestDomain {
+  readonly vm: QemuProcess;
+  readonly client: QmpClient;
+  readonly domain: BackupDomain;
+  readonly checkpoints: CheckpointManager;
+  readonly backupDir: string;
+}
+
+/** `backupRoot`: where the backups directory goes (the state directory always goes to a temp dir). */
+export async function testDomain(t: Teardown, name: string, disks: readonly DiskSpec[], backupRoot?: string): Promise<TestDomain> {
+  const vm = await startVm(t, { disks });
+  const client = (await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
+  t.teardown(() => client.close());
+  const caps = (await probeCapabilities(client))._unsafeUnwrap();
+  const base = tempDir(t);
+  const store = (await CheckpointStore.open(join(base, "state"), name, silentLogger))._unsafeUnwrap();
+  const checkpoints = new CheckpointManager(store, { logger: silentLogger });
+  const backupDir = join(backupRoot ?? base, "backups");
+  mkdirSync(backupDir, { recursive: true });
+  return { vm, client, checkpoints, backupDir, domain: { name, client: () => client, checkpoints, backupPerf: caps.backupPerf } };
+}
+
+export function jobManager(backupDir: string, extra: { allowedDirs?: string[]; tlsDir?: string } = {}): JobManager {
+  return new JobManager({ logger: silentLogger, backupDir, allowedDirs: extra.allowedDirs ?? [backupDir], tlsDir: extra.tlsDir });
+}
+
+/** Everything qbackupd might leave in QEMU: our nodes, jobs, exports, temporary bitmaps. */
+export async function leftovers(client: QmpClient): Promise<string[]> {
+  const out: string[] = [];
+  const nodes = (await client.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
+  for (const n of nodes) if (n["node-name"]?.startsWith("qbk-")) out.push(`node ${n["node-name"]}`);
+  for (const j of (await client.execute("query-jobs"))._unsafeUnwrap()) out.push(`job ${j.id} (${j.status})`);
+  for (const e of (await client.execute("query-block-exports"))._unsafeUnwrap()) out.push(`export ${e.id}`);
+  for (const n of nodes)
+    for (const b of n["dirty-bitmaps"] ?? []) if (b.name?.startsWith("backup-")) out.push(`bitmap ${n["node-name"]}/${b.name}`);
+  return [...new Set(out)];
+}
