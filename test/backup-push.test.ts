@@ -26,9 +26,9 @@ t.test("full push: each target is its disk at begin time, guest writes during th
   await d.vm.write(1, 0x22, 2 * MiB, 64 * KiB);
   const running = (await jm.info("vm1"))._unsafeUnwrap();
   t.equal(running.state, "inprogress");
-  for (const j of (await d.vm.monitor.execute("query-jobs"))._unsafeUnwrap()) {
-    (await d.vm.monitor.execute("block-job-set-speed", { device: j.id, speed: 0 }))._unsafeUnwrap();
-  }
+  const events: string[] = [];
+  jm.subscribe((e) => events.push(e.type));
+  (await jm.setBandwidth("vm1", 0))._unsafeUnwrap();
   const done = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
   t.equal(done.state, "ready", `push ready: ${done.error ?? ""}`);
   t.equal(done.bytesDone, done.bytesTotal);
@@ -38,6 +38,11 @@ t.test("full push: each target is its disk at begin time, guest writes during th
   t.ok(await rangeHolds(ta!, "qcow2", 0, 8 * MiB, MiB), "vda: data written after begin is absent");
   t.ok(await rangeHolds(tb!, "qcow2", 0x21, 2 * MiB, MiB), "vdb: data from before begin");
   t.same(await leftovers(d.client), [], "nothing left in QEMU");
+  t.same(
+    events.filter((e) => e !== "progress"),
+    ["ready", "ended"],
+    "subscribers see ready, then ended",
+  );
   t.match((await jm.info("vm1", { completed: true }))._unsafeUnwrap(), { state: "ready", mode: "push" });
   t.match((await jm.info("vm1"))._unsafeUnwrapErr(), { code: "no-job" });
   // the target files are private

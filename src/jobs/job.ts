@@ -240,6 +240,7 @@ export class BackupJob {
         }
         for (const d of this.disks) d.state = "running";
         void this.watch();
+        if (def.mode === "push") this.startProgressTimer();
         if (def.mode === "pull") {
           this.setState("inprogress", "started");
           this.setState("ready", "ready");
@@ -346,6 +347,30 @@ export class BackupJob {
   }
 
   // ---------------------------------------------------------------- run
+
+  /** Progress events once a second while a push runs (from query-jobs). */
+  private startProgressTimer(): void {
+    const timer = setInterval(() => {
+      if (this.stateValue !== "inprogress" || this.finishing !== undefined) {
+        clearInterval(timer);
+        return;
+      }
+      void this.refreshProgress().map((info) => this.ctx.emit({ type: "progress", info }));
+    }, 1000);
+    timer.unref();
+  }
+
+  /** Change the bandwidth limit of every running disk job (bytes/s, 0 = unlimited). */
+  setBandwidth(bytesPerSecond: number): ResultAsync<void, BackupError> {
+    const running = this.disks.filter((d) => d.state === "running" && d.jobStarted);
+    return ResultAsync.combine(
+      running.map((d) =>
+        this.ctx.client
+          .execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond })
+          .mapErr((e) => fail(`cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
+      ),
+    ).map(() => undefined);
+  }
 
   private async watch(): Promise<void> {
     const l = this.listener!;

@@ -113,6 +113,13 @@ export class JobManager {
     return ResultAsync.fromSafePromise(j.end());
   }
 
+  /** Change the running job's bandwidth limit (bytes/s per disk; 0 = unlimited). */
+  setBandwidth(domain: string, bytesPerSecond: number): ResultAsync<void, BackupError> {
+    const j = this.active.get(domain);
+    if (j === undefined) return errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` });
+    return j.setBandwidth(bytesPerSecond);
+  }
+
   /** Wait until the running job is ready (push: complete), failed or cancelled. */
   wait(domain: string, timeoutMs?: number): ResultAsync<JobInfo, BackupError> {
     const j = this.active.get(domain);
