@@ -78,6 +78,14 @@ export class CheckpointManager {
     return this.assessment;
   }
 
+  private setProblems(name: string, problems: string[] | undefined): void {
+    if (this.assessment === undefined) return;
+    const m = new Map(this.assessment.problems);
+    if (problems === undefined) m.delete(name);
+    else m.set(name, problems);
+    this.assessment = { ...this.assessment, problems: m };
+  }
+
   /** Problems of a checkpoint as of the last reconcile (undefined: not reconciled yet). */
   problemsOf(name: string): readonly string[] | undefined {
     return this.assessment?.problems.get(name);
@@ -166,6 +174,8 @@ export class CheckpointManager {
       )
       .map(() => {
         this.log.info({ checkpoint: def.name, parent: previous }, "checkpoint created");
+        // QEMU just created its bitmaps: valid until the next reconcile says otherwise
+        this.setProblems(def.name, []);
         return def;
       });
   }
@@ -333,6 +343,7 @@ export class CheckpointManager {
     chain = chain.andThen(() => this.store.setCurrent(newCurrent));
     for (const c of order) chain = chain.andThen(() => this.store.remove(c.name));
     return chain.map(() => {
+      for (const c of order) this.setProblems(c.name, undefined);
       this.log.info({ deleted: order.map((c) => c.name), current: newCurrent }, "checkpoints deleted");
       return targets.map((t) => t.name);
     });

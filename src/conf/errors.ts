@@ -8,6 +8,8 @@ export type ConfError =
   | { readonly code: "invalid-name"; readonly message: string }
   /** The definition names a disk the domain does not have. */
   | { readonly code: "unknown-disk"; readonly message: string }
+  /** The daemon's configuration file or flags are wrong. */
+  | { readonly code: "config-invalid"; readonly message: string }
   /** The disk exists but cannot take part (raw format for a bitmap, …). */
   | { readonly code: "unsupported-disk"; readonly message: string };
 

@@ -17,6 +17,8 @@ export type BackupError =
   | { readonly code: "no-job"; readonly message: string }
   /** Creating a target/scratch image failed. */
   | { readonly code: "image"; readonly message: string }
+  /** Waiting for the job took longer than asked. */
+  | { readonly code: "timeout"; readonly message: string }
   /** The backup job ran and failed. */
   | { readonly code: "job-failed"; readonly message: string };
 

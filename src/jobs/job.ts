@@ -116,6 +116,8 @@ export class BackupJob {
   private listener: EventListener<"JOB_STATUS_CHANGE"> | undefined;
   private finishing: Promise<void> | undefined;
   private readonly waiters: (() => void)[] = [];
+  /** Set when the daemon shuts down: QEMU keeps running the job; nothing is torn down. */
+  private detached = false;
   private readonly log: Logger;
 
   constructor(private readonly ctx: JobContext) {
@@ -376,7 +378,7 @@ export class BackupJob {
     const l = this.listener!;
     for (;;) {
       const e = await l.next();
-      if (e === undefined) return;
+      if (e === undefined || this.detached) return;
       if (e.data.status !== "concluded") continue;
       const d = this.disks.find((x) => x.plan.jobId === e.data.id);
       if (d === undefined || d.state !== "running") continue;
@@ -413,8 +415,14 @@ export class BackupJob {
     }
   }
 
+  /** The daemon is stopping: leave QEMU's jobs, nodes and exports as they are (the next start adopts or cleans them). */
+  detach(): void {
+    this.detached = true;
+    this.listener?.close();
+  }
+
   private onDisconnect(reason: string): void {
-    if (!this.activeValue) return;
+    if (!this.activeValue || this.detached) return;
     this.errorText = `QEMU connection lost: ${reason}`;
     // Nothing more can be asked of QEMU; what lives in QEMU died with it or is found at the next start.
     for (const d of this.disks) {

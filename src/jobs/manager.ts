@@ -86,6 +86,11 @@ export class JobManager {
     }
   }
 
+  /** Daemon shutdown: stop following every job without touching QEMU. */
+  detachAll(): void {
+    for (const j of this.active.values()) j.detach();
+  }
+
   job(domain: string): BackupJob | undefined {
     return this.active.get(domain);
   }
@@ -132,7 +137,9 @@ export class JobManager {
     return ResultAsync.fromSafePromise(
       Promise.race([settled, new Promise<undefined>((r) => setTimeout(() => r(undefined), timeoutMs).unref())]),
     ).andThen((x) =>
-      x === undefined ? errAsync<JobInfo, BackupError>({ code: "job-failed", message: `timed out after ${timeoutMs} ms` }) : okAsync(x),
+      x === undefined
+        ? errAsync<JobInfo, BackupError>({ code: "timeout", message: `the backup on '${domain}' did not settle within ${timeoutMs} ms` })
+        : okAsync(x),
     );
   }
 

@@ -1,0 +1,309 @@
+/**
+ * The HTTP/1.1 API on a unix socket (fastify): versioned paths under /v1,
+ * JSON bodies (where libvirt takes XML, the body carries the same XML as a
+ * string), errors as { code, message } with statuses from api/errors.ts.
+ * Routes translate requests into calls on the domain registry, checkpoint
+ * managers and job manager; no QEMU logic lives here (Firecracker's API vs
+ * VMM split).
+ */
+import { randomUUID } from "node:crypto";
+import Fastify, { type FastifyReply } from "fastify";
+import type { Result, ResultAsync } from "neverthrow";
+import { byAge, descendants, leaves, renderTree, roots, topological } from "../checkpoints/tree.js";
+import type { CheckpointDefFull } from "../conf/checkpoint.js";
+import { parseDomainConfig } from "../conf/config.js";
+import type { Domain, DomainEvent, DomainRegistry } from "../daemon/domains.js";
+import type { Metrics } from "../daemon/metrics.js";
+import type { JobEvent } from "../jobs/job.js";
+import type { JobManager } from "../jobs/manager.js";
+import type { Logger } from "../log.js";
+import { type ApiError, errorBody, httpStatus } from "./errors.js";
+
+export interface ApiDeps {
+  readonly domains: DomainRegistry;
+  readonly jobs: JobManager;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  readonly maxBodyBytes: number;
+  /** Subscribe to domain connection events (for the event stream). */
+  readonly onDomainEvent: (fn: (e: DomainEvent) => void) => () => void;
+  readonly version: string;
+}
+
+type Params = { name: string; cp: string };
+type Query = Record<string, string | undefined>;
+
+function flag(q: Query, k: string): boolean {
+  const v = q[k];
+  return v !== undefined && v !== "0" && v !== "false";
+}
+
+async function send<T>(reply: FastifyReply, r: Result<T, ApiError> | ResultAsync<T, ApiError>, status = 200): Promise<FastifyReply> {
+  const x = await r;
+  if (x.isErr()) return reply.code(httpStatus(x.error.code)).send(errorBody(x.error));
+  return reply.code(status).send(x.value);
+}
+
+function sendError(reply: FastifyReply, e: ApiError): FastifyReply {
+  return reply.code(httpStatus(e.code)).send(errorBody(e));
+}
+
+function str(body: unknown, key: string): string | undefined {
+  if (typeof body !== "object" || body === null) return undefined;
+  const v = (body as Record<string, unknown>)[key];
+  return typeof v === "string" ? v : undefined;
+}
+
+function bool(body: unknown, key: string): boolean {
+  return typeof body === "object" && body !== null && (body as Record<string, unknown>)[key] === true;
+}
+
+export function checkpointJson(d: Domain, c: CheckpointDefFull) {
+  const problems = d.checkpoints.problemsOf(c.name);
+  return {
+    name: c.name,
+    parent: c.parent ?? null,
+    creationTime: c.creationTime,
+    description: c.description ?? null,
+    current: d.checkpoints.store.current === c.name,
+    valid: problems === undefined ? null : problems.length === 0,
+    problems: problems ?? [],
+    disks: c.disks,
+  };
+}
+
+export function domainJson(d: Domain) {
+  return {
+    name: d.name,
+    qmp: d.config.qmp,
+    agent: d.config.agent ?? null,
+    origin: d.origin,
+    state: d.state,
+    error: d.error ?? null,
+    qemu: d.caps ? d.caps.package || `${d.caps.version.major}.${d.caps.version.minor}.${d.caps.version.micro}` : null,
+    checkpoints: d.checkpoints.store.size,
+    currentCheckpoint: d.checkpoints.store.current ?? null,
+  };
+}
+
+export type ApiServer = ReturnType<typeof buildApi>;
+
+export function buildApi(deps: ApiDeps) {
+  const { domains, jobs } = deps;
+  const app = Fastify({
+    loggerInstance: deps.logger,
+    bodyLimit: deps.maxBodyBytes,
+    genReqId: () => randomUUID(),
+    // a slow or stuck client cannot hold a request open forever
+    requestTimeout: 60_000,
+    connectionTimeout: 0,
+    keepAliveTimeout: 5_000,
+    disableRequestLogging: true,
+  });
+
+  app.addHook("onRequest", async (req) => {
+    deps.metrics.onRequest();
+    req.log.debug({ method: req.method, url: req.url }, "request");
+  });
+  app.setErrorHandler((error: Error & { statusCode?: number; code?: string }, req, reply) => {
+    if (error.code === "FST_ERR_CTP_BODY_TOO_LARGE")
+      return sendError(reply, { code: "too-large", message: `request body larger than ${deps.maxBodyBytes} bytes` });
+    if (error.statusCode !== undefined && error.statusCode < 500) {
+      return sendError(reply, { code: "bad-request", message: error.message });
+    }
+    req.log.error({ err: error }, "request failed");
+    return sendError(reply, { code: "internal", message: "internal error (see the daemon's log)" });
+  });
+  app.setNotFoundHandler((req, reply) =>
+    reply.code(404).send({ code: "not-found", message: `no route ${req.method} ${req.url.split("?")[0]}` }),
+  );
+
+  const need = (reply: FastifyReply, name: string): Domain | undefined => {
+    const d = domains.get(name);
+    if (d === undefined) sendError(reply, { code: "unknown-domain", message: `no domain named '${name}'` });
+    return d;
+  };
+
+  // ---- service
+  app.get("/v1/health", async () => ({ status: "ok", version: deps.version, domains: domains.list().length }));
+  app.get("/v1/metrics", async (_req, reply) =>
+    reply
+      .type("text/plain; version=0.0.4")
+      .send(deps.metrics.render(domains, domains.list().filter((d) => jobs.job(d.name)?.active).length)),
+  );
+
+  // ---- domains
+  app.get("/v1/domains", async () => domains.list().map(domainJson));
+  app.get<{ Params: Params }>("/v1/domains/:name", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    return d === undefined ? reply : domainJson(d);
+  });
+  app.post("/v1/domains", async (req, reply) => {
+    const cfg = parseDomainConfig(req.body, "domain");
+    if (cfg.isErr()) return sendError(reply, { code: "bad-request", message: cfg.error.message });
+    return send(
+      reply,
+      domains.add(cfg.value, "api").map((d) => domainJson(d)),
+      201,
+    );
+  });
+  app.delete<{ Params: Params }>("/v1/domains/:name", async (req, reply) => {
+    if (need(reply, req.params.name) === undefined) return reply;
+    if (jobs.job(req.params.name)?.active)
+      return sendError(reply, { code: "busy", message: `a backup is running on '${req.params.name}'; end it first` });
+    return send(
+      reply,
+      domains.remove(req.params.name).map(() => ({ removed: req.params.name })),
+    );
+  });
+
+  // ---- backups
+  app.post<{ Params: Params }>("/v1/domains/:name/backup", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    if (d === undefined) return reply;
+    const body = req.body ?? {};
+    const bw = (body as Record<string, unknown>).bandwidth;
+    if (bw !== undefined && (typeof bw !== "number" || !Number.isInteger(bw) || bw < 0))
+      return sendError(reply, { code: "bad-request", message: "bandwidth must be a non-negative integer (bytes/s)" });
+    return send(
+      reply,
+      jobs.begin(d, str(body, "backupXml"), str(body, "checkpointXml"), {
+        reuseExternal: bool(body, "reuseExternal"),
+        quiesce: bool(body, "quiesce"),
+        ...(typeof bw === "number" ? { bandwidth: bw } : {}),
+      }),
+      201,
+    );
+  });
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/backup", async (req, reply) => {
+    if (need(reply, req.params.name) === undefined) return reply;
+    return send(reply, jobs.info(req.params.name, { completed: flag(req.query, "completed") }));
+  });
+  app.get<{ Params: Params }>("/v1/domains/:name/backup/xml", async (req, reply) => {
+    if (need(reply, req.params.name) === undefined) return reply;
+    const r = await jobs.xml(req.params.name);
+    return r.isErr() ? sendError(reply, r.error) : reply.type("application/xml").send(r.value);
+  });
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/backup/wait", async (req, reply) => {
+    if (need(reply, req.params.name) === undefined) return reply;
+    const t = req.query.timeout === undefined ? 50 : Number(req.query.timeout);
+    if (!Number.isFinite(t) || t < 0 || t > 3600)
+      return sendError(reply, { code: "bad-request", message: "timeout must be seconds from 0 to 3600" });
+    return send(reply, jobs.wait(req.params.name, t * 1000));
+  });
+  app.put<{ Params: Params }>("/v1/domains/:name/backup/bandwidth", async (req, reply) => {
+    if (need(reply, req.params.name) === undefined) return reply;
+    const bw = (req.body as Record<string, unknown> | undefined)?.bandwidth;
+    if (typeof bw !== "number" || !Number.isInteger(bw) || bw < 0)
+      return sendError(reply, { code: "bad-request", message: "bandwidth must be a non-negative integer (bytes/s)" });
+    return send(
+      reply,
+      jobs.setBandwidth(req.params.name, bw).map(() => ({ bandwidth: bw })),
+    );
+  });
+  app.delete<{ Params: Params }>("/v1/domains/:name/backup", async (req, reply) => {
+    if (need(reply, req.params.name) === undefined) return reply;
+    return send(reply, jobs.end(req.params.name));
+  });
+
+  // ---- checkpoints
+  app.post<{ Params: Params }>("/v1/domains/:name/checkpoints", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    if (d === undefined) return reply;
+    const body = req.body ?? {};
+    const client = d.client();
+    if (client === undefined) return sendError(reply, { code: "not-connected", message: `domain '${d.name}' is not connected to QEMU` });
+    if (jobs.job(d.name)?.active && !bool(body, "redefine")) {
+      return sendError(reply, {
+        code: "busy",
+        message: `a backup is running on '${d.name}'; create the checkpoint with the backup instead`,
+      });
+    }
+    const xml = str(body, "xml");
+    const r = bool(body, "redefine")
+      ? xml === undefined
+        ? undefined
+        : d.checkpoints.redefine(client, xml)
+      : d.checkpoints.create(client, xml, { quiesce: bool(body, "quiesce") });
+    if (r === undefined) return sendError(reply, { code: "bad-request", message: "redefine needs the checkpoint XML" });
+    return send(
+      reply,
+      r.map((c) => checkpointJson(d, c)),
+      201,
+    );
+  });
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    if (d === undefined) return reply;
+    const all = d.checkpoints.store.all;
+    const q = req.query;
+    if (flag(q, "tree")) return reply.type("text/plain").send(renderTree(all));
+    let list: CheckpointDefFull[];
+    if (q.descendants !== undefined) {
+      if (!all.has(q.descendants))
+        return sendError(reply, { code: "not-found", message: `checkpoint '${q.descendants}' does not exist in domain '${d.name}'` });
+      list = descendants(all, q.descendants, flag(q, "deep"));
+    } else if (flag(q, "roots")) list = roots(all);
+    else if (flag(q, "leaves")) list = leaves(all);
+    else list = flag(q, "topological") ? topological(all) : [...all.values()].sort(byAge);
+    if (flag(q, "roots") && flag(q, "topological")) list = topological(all).filter((c) => list.includes(c));
+    return list.map((c) => checkpointJson(d, c));
+  });
+  app.get<{ Params: Params }>("/v1/domains/:name/checkpoints/:cp", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    if (d === undefined) return reply;
+    const c = d.checkpoints.store.get(req.params.cp);
+    if (c === undefined)
+      return sendError(reply, { code: "not-found", message: `checkpoint '${req.params.cp}' does not exist in domain '${d.name}'` });
+    return checkpointJson(d, c);
+  });
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints/:cp/xml", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    if (d === undefined) return reply;
+    const r = await d.checkpoints.xml(d.client(), req.params.cp, { size: flag(req.query, "size") });
+    return r.isErr() ? sendError(reply, r.error) : reply.type("application/xml").send(r.value);
+  });
+  app.delete<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints/:cp", async (req, reply) => {
+    const d = need(reply, req.params.name);
+    if (d === undefined) return reply;
+    if (jobs.job(d.name)?.active)
+      return sendError(reply, { code: "busy", message: `a backup is running on '${d.name}'; end it before deleting checkpoints` });
+    const q = req.query;
+    return send(
+      reply,
+      d.checkpoints
+        .delete(d.client(), req.params.cp, {
+          children: flag(q, "children"),
+          childrenOnly: flag(q, "childrenOnly"),
+          metadataOnly: flag(q, "metadata"),
+        })
+        .map((deleted) => ({ deleted })),
+    );
+  });
+
+  // ---- events (NDJSON)
+  app.get<{ Querystring: Query }>("/v1/events", (req, reply) => {
+    const only = req.query.domain;
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    const write = (o: object) => {
+      // a reader that does not keep up loses events rather than growing our memory
+      if (res.writableLength < 1 << 20) res.write(`${JSON.stringify(o)}\n`);
+    };
+    write({ type: "hello", time: new Date().toISOString() });
+    const offJobs = jobs.subscribe((e: JobEvent) => {
+      if (only === undefined || e.info.domain === only)
+        write({ type: e.type, domain: e.info.domain, time: new Date().toISOString(), job: e.info });
+    });
+    const offDomains = deps.onDomainEvent((e) => {
+      if (only === undefined || e.domain === only) write({ ...e, time: new Date().toISOString() });
+    });
+    req.raw.on("close", () => {
+      offJobs();
+      offDomains();
+    });
+  });
+
+  return app;
+}

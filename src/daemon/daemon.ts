@@ -1,0 +1,155 @@
+/**
+ * The running service: domain registry, job manager, metrics and the API
+ * server on its unix socket, wired together; start, reload (SIGHUP) and stop
+ * (SIGTERM).
+ */
+import { execFileSync } from "node:child_process";
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
+import net from "node:net";
+import { dirname, join } from "node:path";
+import { type ApiServer, buildApi } from "../api/server.js";
+import type { DaemonConfig } from "../conf/config.js";
+import { JobManager } from "../jobs/manager.js";
+import type { Logger } from "../log.js";
+import { type DomainEvent, DomainRegistry } from "./domains.js";
+import { Metrics } from "./metrics.js";
+
+function packageVersion(): string {
+  try {
+    const p = JSON.parse(readFileSync(join(import.meta.dirname, "..", "..", "package.json"), "utf8")) as { version?: string };
+    return p.version ?? "unknown";
+  } catch {
+    return "unknown";
+  }
+}
+
+/** A socket file nobody listens on is a leftover of an earlier run; one that answers means another daemon runs. */
+function socketInUse(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.createConnection(path);
+    s.once("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once("error", () => resolve(false));
+  });
+}
+
+function groupId(group: string): number {
+  if (/^\d+$/.test(group)) return Number(group);
+  const line = execFileSync("getent", ["group", group], { encoding: "utf8" });
+  return Number(line.split(":")[2]);
+}
+
+export class Daemon {
+  private readonly domainListeners = new Set<(e: DomainEvent) => void>();
+  readonly domains: DomainRegistry;
+  readonly jobs: JobManager;
+  readonly metrics = new Metrics();
+  private api: ApiServer | undefined;
+
+  private constructor(
+    private config: DaemonConfig,
+    private readonly log: Logger,
+  ) {
+    this.domains = new DomainRegistry(config.stateDir, log, (e) => {
+      for (const fn of this.domainListeners) fn(e);
+    });
+    this.jobs = new JobManager({
+      logger: log,
+      backupDir: config.backupDir,
+      allowedDirs: config.allowDirs,
+      tlsDir: config.tlsDir,
+      allowPlainTcp: config.allowPlainTcp,
+    });
+    this.jobs.subscribe((e) => this.metrics.onJobEvent(e));
+  }
+
+  static async start(config: DaemonConfig, log: Logger): Promise<Daemon> {
+    mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+    chmodSync(config.stateDir, 0o700);
+    mkdirSync(config.backupDir, { recursive: true, mode: 0o700 });
+    const d = new Daemon(config, log);
+    for (const dc of config.domains) {
+      const r = await d.domains.add(dc, "config");
+      if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add configured domain");
+    }
+    for (const dc of d.domains.persisted()) {
+      if (d.domains.get(dc.name) !== undefined) continue;
+      const r = await d.domains.add(dc, "api");
+      if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add registered domain");
+    }
+    if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
+    await d.listen();
+    return d;
+  }
+
+  get socketPath(): string {
+    return this.config.socket;
+  }
+
+  private async listen(): Promise<void> {
+    const path = this.config.socket;
+    mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
+    if (existsSync(path)) {
+      if (await socketInUse(path)) throw new Error(`another process is serving ${path}`);
+      rmSync(path, { force: true });
+    }
+    const api = buildApi({
+      domains: this.domains,
+      jobs: this.jobs,
+      metrics: this.metrics,
+      logger: this.log,
+      maxBodyBytes: this.config.maxBodyBytes,
+      onDomainEvent: (fn) => {
+        this.domainListeners.add(fn);
+        return () => this.domainListeners.delete(fn);
+      },
+      version: packageVersion(),
+    });
+    // created with umask 0177 so the socket is never briefly world-accessible
+    const old = process.umask(0o177);
+    try {
+      await api.listen({ path });
+    } finally {
+      process.umask(old);
+    }
+    chmodSync(path, this.config.socketMode);
+    if (this.config.socketGroup !== undefined) chownSync(path, process.getuid?.() ?? 0, groupId(this.config.socketGroup));
+    api.server.maxConnections = this.config.maxConnections;
+    this.api = api;
+    this.log.info({ socket: path, domains: this.domains.list().length }, "qbackupd listening");
+  }
+
+  /** SIGHUP: add domains new to the configuration, drop those removed from it (unless a backup runs). */
+  async reload(config: DaemonConfig): Promise<void> {
+    const wanted = new Map(config.domains.map((d) => [d.name, d]));
+    for (const d of this.domains.list()) {
+      if (d.origin !== "config") continue;
+      const w = wanted.get(d.name);
+      if (w !== undefined && w.qmp === d.config.qmp && w.agent === d.config.agent) continue;
+      if (this.jobs.job(d.name)?.active) {
+        this.log.warn({ domain: d.name }, "reload: domain changed but a backup runs; keeping it as is");
+        wanted.delete(d.name);
+        continue;
+      }
+      await this.domains.remove(d.name);
+    }
+    for (const dc of wanted.values()) {
+      if (this.domains.get(dc.name) !== undefined) continue;
+      const r = await this.domains.add(dc, "config");
+      if (r.isErr()) this.log.error({ domain: dc.name, error: r.error.message }, "reload: cannot add domain");
+    }
+    this.config = { ...this.config, domains: config.domains };
+    this.log.info({ domains: this.domains.list().length }, "configuration reloaded");
+  }
+
+  /** SIGTERM: stop accepting requests, leave QEMU's jobs running, close connections. */
+  async stop(): Promise<void> {
+    this.jobs.detachAll();
+    await this.api?.close();
+    await this.domains.stopAll();
+    rmSync(this.config.socket, { force: true });
+    this.log.info("qbackupd stopped");
+  }
+}

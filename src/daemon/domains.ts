@@ -1,0 +1,184 @@
+/**
+ * The domains the daemon serves: from the configuration file and registered
+ * at run time (persisted in <stateDir>/domains.json). Each keeps its QMP
+ * connection up through a supervisor (reconnect with backoff); on every
+ * connect it probes QEMU and reconciles its checkpoints. One domain's QEMU
+ * going away never affects another.
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { errAsync, okAsync, ResultAsync } from "neverthrow";
+import type { ApiError } from "../api/errors.js";
+import { CheckpointManager } from "../checkpoints/manager.js";
+import { CheckpointStore } from "../checkpoints/store.js";
+import type { DomainConfig } from "../conf/config.js";
+import { parseDomainConfig } from "../conf/config.js";
+import type { BackupDomain } from "../jobs/manager.js";
+import type { Logger } from "../log.js";
+import { probeCapabilities, type QemuCapabilities } from "../qmp/capabilities.js";
+import type { QmpClient } from "../qmp/client.js";
+import { qmpErrorMessage } from "../qmp/errors.js";
+import { parseAddress } from "../qmp/protocol.js";
+import { QmpSupervisor } from "../qmp/reconnect.js";
+import { type IoError, writeFileAtomic } from "../util/atomic-file.js";
+
+export type DomainState = "connecting" | "connected" | "unsupported";
+
+export interface DomainEvent {
+  readonly domain: string;
+  readonly type: "connected" | "disconnected" | "unsupported";
+  readonly message?: string;
+}
+
+export class Domain implements BackupDomain {
+  private conn: QmpClient | undefined;
+  private capsValue: QemuCapabilities | undefined;
+  private stateValue: DomainState = "connecting";
+  private lastError: string | undefined;
+  private readonly supervisor: QmpSupervisor;
+  readonly agentPath: string | undefined;
+
+  constructor(
+    readonly config: DomainConfig,
+    readonly origin: "config" | "api",
+    readonly checkpoints: CheckpointManager,
+    private readonly log: Logger,
+    private readonly onEvent: (e: DomainEvent) => void,
+  ) {
+    this.agentPath = config.agent;
+    this.supervisor = new QmpSupervisor(
+      parseAddress(config.qmp),
+      { connected: (c) => void this.onConnected(c), disconnected: (i) => this.onDisconnected(i.message) },
+      { logger: log, commandTimeoutMs: 60_000 },
+      { initialDelayMs: 200, maxDelayMs: 10_000 },
+    );
+  }
+
+  get name(): string {
+    return this.config.name;
+  }
+
+  get state(): DomainState {
+    return this.stateValue;
+  }
+
+  get caps(): QemuCapabilities | undefined {
+    return this.capsValue;
+  }
+
+  get backupPerf(): boolean {
+    return this.capsValue?.backupPerf ?? false;
+  }
+
+  get error(): string | undefined {
+    return this.lastError;
+  }
+
+  /** The connection, once probed and usable. */
+  client(): QmpClient | undefined {
+    return this.stateValue === "connected" ? this.conn : undefined;
+  }
+
+  start(): void {
+    this.supervisor.start();
+  }
+
+  stop(): Promise<void> {
+    return this.supervisor.stop();
+  }
+
+  private async onConnected(c: QmpClient): Promise<void> {
+    this.conn = c;
+    const caps = await probeCapabilities(c);
+    if (caps.isErr()) {
+      this.stateValue = "unsupported";
+      this.lastError = qmpErrorMessage(caps.error);
+      this.log.error({ domain: this.name, error: this.lastError }, "QEMU refused");
+      this.onEvent({ domain: this.name, type: "unsupported", message: this.lastError });
+      return;
+    }
+    this.capsValue = caps.value;
+    this.stateValue = "connected";
+    this.lastError = undefined;
+    this.log.info({ domain: this.name, qemu: caps.value.package }, "domain connected");
+    await this.checkpoints.reconcile(c);
+    this.onEvent({ domain: this.name, type: "connected" });
+  }
+
+  private onDisconnected(message: string): void {
+    this.conn = undefined;
+    this.stateValue = "connecting";
+    this.lastError = message;
+    this.log.warn({ domain: this.name, reason: message }, "domain disconnected; reconnecting");
+    this.onEvent({ domain: this.name, type: "disconnected", message });
+  }
+}
+
+export class DomainRegistry {
+  private readonly domains = new Map<string, Domain>();
+  private readonly file: string;
+
+  constructor(
+    private readonly stateDir: string,
+    private readonly log: Logger,
+    private readonly onEvent: (e: DomainEvent) => void,
+  ) {
+    this.file = join(stateDir, "domains.json");
+  }
+
+  list(): Domain[] {
+    return [...this.domains.values()].sort((a, b) => (a.name < b.name ? -1 : 1));
+  }
+
+  get(name: string): Domain | undefined {
+    return this.domains.get(name);
+  }
+
+  /** Domains registered through the API in an earlier run. */
+  persisted(): DomainConfig[] {
+    try {
+      const raw: unknown = JSON.parse(readFileSync(this.file, "utf8"));
+      if (!Array.isArray(raw)) throw new Error("not a list");
+      const out: DomainConfig[] = [];
+      for (const [i, d] of raw.entries()) {
+        const r = parseDomainConfig(d, `${this.file}[${i}]`);
+        if (r.isOk()) out.push(r.value);
+        else this.log.error({ file: this.file, error: r.error.message }, "skipping a persisted domain");
+      }
+      return out;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT")
+        this.log.error({ file: this.file, error: (e as Error).message }, "cannot read persisted domains");
+      return [];
+    }
+  }
+
+  add(config: DomainConfig, origin: "config" | "api"): ResultAsync<Domain, ApiError> {
+    if (this.domains.has(config.name)) return errAsync({ code: "duplicate", message: `domain '${config.name}' is already registered` });
+    return CheckpointStore.open(this.stateDir, config.name, this.log).andThen((store) => {
+      const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
+      const d = new Domain(config, origin, checkpoints, this.log, this.onEvent);
+      this.domains.set(config.name, d);
+      d.start();
+      return (origin === "api" ? this.persist() : okAsync(undefined)).map(() => d);
+    });
+  }
+
+  remove(name: string): ResultAsync<void, ApiError> {
+    const d = this.domains.get(name);
+    if (d === undefined) return errAsync({ code: "unknown-domain", message: `no domain named '${name}'` });
+    this.domains.delete(name);
+    return ResultAsync.fromSafePromise(d.stop()).andThen(() => (d.origin === "api" ? this.persist() : okAsync(undefined)));
+  }
+
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.domains.values()].map((d) => d.stop()));
+  }
+
+  private persist(): ResultAsync<void, IoError> {
+    const api = this.list()
+      .filter((d) => d.origin === "api")
+      .map((d) => d.config);
+    return writeFileAtomic(this.file, `${JSON.stringify(api, null, 2)}\n`);
+  }
+}
