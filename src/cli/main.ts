@@ -25,8 +25,9 @@ interface Ctx {
   json: boolean;
 }
 
+/** An XML file argument; "" means none (so a checkpoint XML can follow an absent backup XML), "-" is stdin. */
 function readXml(path: string | undefined): string | undefined {
-  if (path === undefined) return undefined;
+  if (path === undefined || path === "") return undefined;
   try {
     return readFileSync(path === "-" ? 0 : path, "utf8");
   } catch (e) {

@@ -1,0 +1,80 @@
+/** Runs the built daemon (bin/qbackupd) and CLI (bin/qbackup) as a user would. */
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { existsSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { type Teardown, tempDir } from "./qemu.js";
+
+const ROOT = join(import.meta.dirname, "..", "..");
+/** Without the test runner's loaders. */
+const ENV = { ...process.env, NODE_OPTIONS: "", QBACKUPD_LOG_LEVEL: process.env.QBACKUPD_DAEMON_LOG ?? "warn" };
+
+export interface RunningDaemon {
+  readonly socket: string;
+  readonly stateDir: string;
+  readonly dir: string;
+  readonly proc: ChildProcess;
+  log(): string;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+export async function startDaemon(t: Teardown, opts: { args?: string[]; dir?: string } = {}): Promise<RunningDaemon> {
+  const dir = opts.dir ?? tempDir(t, "qbackupd-daemon-");
+  const socket = join(dir, "api.sock");
+  const stateDir = join(dir, "state");
+  // an explicit (empty) configuration, so a host's /etc/qbackupd/config.json never leaks into tests
+  const config = join(dir, "config.json");
+  if (!existsSync(config)) writeFileSync(config, "{}\n");
+  const proc = spawn(
+    join(ROOT, "bin", "qbackupd"),
+    ["--socket", socket, "--state-dir", stateDir, "--config", config, ...(opts.args ?? [])],
+    {
+      env: ENV,
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
+  let out = "";
+  proc.stdout?.setEncoding("utf8").on("data", (d: string) => {
+    if (out.length < 1 << 20) out += d;
+  });
+  proc.stderr?.setEncoding("utf8").on("data", (d: string) => {
+    if (out.length < 1 << 20) out += d;
+  });
+  const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  t.teardown(async () => {
+    if (proc.exitCode === null && proc.signalCode === null) {
+      proc.kill("SIGKILL");
+      await exited;
+    }
+  });
+  for (let i = 0; i < 200 && !existsSync(socket); i++) {
+    if (proc.exitCode !== null) throw new Error(`qbackupd exited: ${out}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  if (!existsSync(socket)) throw new Error(`qbackupd did not listen: ${out}`);
+  return {
+    socket,
+    stateDir,
+    dir,
+    proc,
+    log: () => out,
+    async stop(signal: NodeJS.Signals = "SIGTERM") {
+      if (proc.exitCode !== null) return proc.exitCode;
+      proc.kill(signal);
+      return exited;
+    },
+  };
+}
+
+export interface CliResult {
+  readonly code: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+export function cli(socket: string, args: string[]): Promise<CliResult> {
+  return new Promise((resolve) => {
+    execFile(join(ROOT, "bin", "qbackup"), args, { env: { ...ENV, QBACKUP_SOCKET: socket } }, (err, stdout, stderr) => {
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+  });
+}
