@@ -99,6 +99,8 @@ export function buildApi(deps: ApiDeps) {
     connectionTimeout: 0,
     keepAliveTimeout: 5_000,
     disableRequestLogging: true,
+    // on stop, do not wait for open event streams or keep-alive clients
+    forceCloseConnections: true,
   });
 
   app.addHook("onRequest", async (req) => {
