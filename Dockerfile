@@ -29,5 +29,5 @@ COPY bin ./bin
 COPY packaging/config.example.json /usr/share/qbackupd/config.example.json
 RUN ln -s /opt/qbackupd/bin/qbackup /usr/local/bin/qbackup && ln -s /opt/qbackupd/bin/qbackupd /usr/local/bin/qbackupd
 VOLUME ["/var/lib/qbackupd", "/run/qbackupd"]
-ENTRYPOINT ["node", "/opt/qbackupd/dist/daemon/main-entry.js"]
+ENTRYPOINT ["node", "--max-semi-space-size=1", "/opt/qbackupd/dist/daemon/main-entry.js"]
 CMD ["--config", "/etc/qbackupd/config.json"]

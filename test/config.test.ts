@@ -56,7 +56,7 @@ t.test("systemd unit verifies", async (t) => {
   if (!have) {
     // no systemd here: check the unit's essentials by reading it
     const unit = readFileSync(join(ROOT, "packaging", "qbackupd.service"), "utf8");
-    t.match(unit, /^ExecStart=\/usr\/bin\/node \/opt\/qbackupd\/dist\/daemon\/main-entry\.js/m);
+    t.match(unit, /^ExecStart=\/usr\/bin\/node --max-semi-space-size=1 \/opt\/qbackupd\/dist\/daemon\/main-entry\.js/m);
     t.match(unit, /^NoNewPrivileges=yes$/m);
     t.match(unit, /^ProtectSystem=strict$/m);
     return;

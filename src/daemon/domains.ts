@@ -15,12 +15,15 @@ import type { DomainConfig } from "../conf/config.js";
 import { parseDomainConfig } from "../conf/config.js";
 import type { BackupDomain } from "../jobs/manager.js";
 import type { Logger } from "../log.js";
-import { probeCapabilities, type QemuCapabilities } from "../qmp/capabilities.js";
+import { type CapabilityCache, probeCapabilities, type QemuCapabilities } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import { parseAddress } from "../qmp/protocol.js";
 import { QmpSupervisor } from "../qmp/reconnect.js";
 import { type IoError, writeFileAtomic } from "../util/atomic-file.js";
+
+/** Shared by all domains: one schema parse per QEMU build. */
+const capabilityCache: CapabilityCache = new Map();
 
 export type DomainState = "connecting" | "connected" | "unsupported";
 
@@ -89,7 +92,7 @@ export class Domain implements BackupDomain {
 
   private async onConnected(c: QmpClient): Promise<void> {
     this.conn = c;
-    const caps = await probeCapabilities(c);
+    const caps = await probeCapabilities(c, capabilityCache);
     if (caps.isErr()) {
       this.stateValue = "unsupported";
       this.lastError = qmpErrorMessage(caps.error);

@@ -84,9 +84,19 @@ export function capabilitiesFromSchema(version: VersionTriple, pkg: string, sche
   };
 }
 
+/**
+ * Capabilities by QEMU version and package string. A host usually runs every
+ * VM on the same QEMU build, and query-qmp-schema is ~250 KiB of JSON per
+ * probe: with a cache, a daemon serving many VMs parses it once per build.
+ */
+export type CapabilityCache = Map<string, QemuCapabilities>;
+
 /** Ask QEMU; refuse a QEMU too old or lacking a required command. */
-export function probeCapabilities(client: QmpClient): ResultAsync<QemuCapabilities, QmpError> {
+export function probeCapabilities(client: QmpClient, cache?: CapabilityCache): ResultAsync<QemuCapabilities, QmpError> {
   return client.execute("query-version").andThen((v) => {
+    const key = `${formatVersion(v.qemu)} ${v.package}`;
+    const cached = cache?.get(key);
+    if (cached !== undefined) return okAsync(cached);
     if (!versionAtLeast(v.qemu, MIN_QEMU_VERSION)) {
       return errAsync<never, QmpError>({
         code: "unsupported",
@@ -102,6 +112,7 @@ export function probeCapabilities(client: QmpClient): ResultAsync<QemuCapabiliti
           message: `QEMU ${formatVersion(v.qemu)} lacks QMP commands qbackupd needs: ${missing.join(", ")}`,
         });
       }
+      cache?.set(key, caps);
       return okAsync(caps);
     });
   });
