@@ -14,15 +14,16 @@ const DISKS = [{ size: "16M" }, { size: "16M" }];
 t.test("full push: each target is its disk at begin time, guest writes during the job are not in it", async (t) => {
   const d = await testDomain(t, "vm1", DISKS);
   const jm = jobManager(d.backupDir);
-  await d.vm.write(0, 0x11, 0, MiB);
+  // 1 MiB pieces with gaps, so the rate-limited job copies many chunks and is
+  // certainly still running while the guest writes below
+  for (let off = 0; off < 16 * MiB; off += 2 * MiB) await d.vm.write(0, 0x11, off, MiB);
   await d.vm.write(1, 0x21, 2 * MiB, MiB);
-  // slow the jobs down so the writes below happen while they run
-  const info = (await jm.begin(d.domain, undefined, undefined, { bandwidth: 512 * KiB }))._unsafeUnwrap();
+  const info = (await jm.begin(d.domain, undefined, undefined, { bandwidth: 128 * KiB }))._unsafeUnwrap();
   t.equal(info.state, "inprogress");
   t.equal(info.disks.length, 2);
   t.match((await jm.begin(d.domain, undefined, undefined))._unsafeUnwrapErr(), { code: "busy" }, "one backup per domain");
-  await d.vm.write(0, 0x12, 0, 64 * KiB); // overwrite data the backup has to keep
-  await d.vm.write(0, 0x13, 8 * MiB, MiB); // new data
+  await d.vm.write(0, 0x12, 14 * MiB, 64 * KiB); // overwrite data the backup has to keep
+  await d.vm.write(0, 0x13, 9 * MiB, MiB); // new data in a gap
   await d.vm.write(1, 0x22, 2 * MiB, 64 * KiB);
   const running = (await jm.info("vm1"))._unsafeUnwrap();
   t.equal(running.state, "inprogress");
@@ -34,8 +35,9 @@ t.test("full push: each target is its disk at begin time, guest writes during th
   t.equal(done.bytesDone, done.bytesTotal);
   t.equal(done.active, false);
   const [ta, tb] = done.disks.map((x) => x.file);
-  t.ok(await rangeHolds(ta!, "qcow2", 0x11, 0, MiB), "vda: data from before begin, including the overwritten part");
-  t.ok(await rangeHolds(ta!, "qcow2", 0, 8 * MiB, MiB), "vda: data written after begin is absent");
+  for (let off = 0; off < 16 * MiB; off += 2 * MiB)
+    t.ok(await rangeHolds(ta!, "qcow2", 0x11, off, MiB), `vda: data from before begin at ${off / MiB} MiB`);
+  t.ok(await rangeHolds(ta!, "qcow2", 0, 9 * MiB, MiB), "vda: data written after begin is absent");
   t.ok(await rangeHolds(tb!, "qcow2", 0x21, 2 * MiB, MiB), "vdb: data from before begin");
   t.same(await leftovers(d.client), [], "nothing left in QEMU");
   t.same(
@@ -110,8 +112,8 @@ t.test("full → incremental → incremental chain, restored with rebase, equals
 t.test("abort mid-push: cancelled, nothing left, no checkpoint claims it; refusals before anything is touched", async (t) => {
   const d = await testDomain(t, "vm1", DISKS);
   const jm = jobManager(d.backupDir);
-  await d.vm.write(0, 0x51, 0, 4 * MiB);
-  (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>x1</name></domaincheckpoint>", { bandwidth: 256 * KiB }))._unsafeUnwrap();
+  for (let off = 0; off < 8 * MiB; off += 2 * MiB) await d.vm.write(0, 0x51, off, MiB);
+  (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>x1</name></domaincheckpoint>", { bandwidth: 64 * KiB }))._unsafeUnwrap();
   t.equal(d.checkpoints.store.current, "x1");
   const ended = (await jm.end("vm1"))._unsafeUnwrap();
   t.equal(ended.state, "cancelled");
@@ -144,7 +146,8 @@ t.test("abort mid-push: cancelled, nothing left, no checkpoint claims it; refusa
   // reuse: the caller's file is used and kept
   (await jm.begin(d.domain, ex, undefined, { reuseExternal: true }))._unsafeUnwrap();
   t.equal((await jm.wait("vm1", 30_000))._unsafeUnwrap().state, "ready");
-  t.ok(await rangeHolds(existing, "qcow2", 0x51, 0, 4 * MiB));
+  t.ok(await rangeHolds(existing, "qcow2", 0x51, 0, MiB));
+  t.ok(await rangeHolds(existing, "qcow2", 0x51, 6 * MiB, MiB));
   t.same(await leftovers(d.client), []);
 });
 
