@@ -1,0 +1,37 @@
+/** The daemon process: configured domains, SIGHUP reload, domains registered at run time survive a restart, SIGTERM. */
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import t from "tap";
+import { cli, startDaemon } from "./helpers/daemon.js";
+import { startVm, tempDir } from "./helpers/qemu.js";
+
+async function names(socket: string): Promise<string[]> {
+  const r = await cli(socket, ["--json", "domain-list"]);
+  return (JSON.parse(r.stdout) as { name: string }[]).map((d) => d.name);
+}
+
+t.test("config domains, reload, persistence, stop", async (t) => {
+  const [a, b, c] = await Promise.all([startVm(t), startVm(t), startVm(t)]);
+  const dir = tempDir(t, "qbackupd-daemon-");
+  const config = join(dir, "config.json");
+  writeFileSync(config, JSON.stringify({ domains: [{ name: "a", qmp: a.qmpPath }] }));
+  const d = await startDaemon(t, { dir });
+  t.same(await names(d.socket), ["a"], "configured domain");
+  t.equal((await cli(d.socket, ["domain-add", "b", "--qmp", b.qmpPath])).code, 0);
+  writeFileSync(config, JSON.stringify({ domains: [{ name: "c", qmp: c.qmpPath }] }));
+  d.proc.kill("SIGHUP");
+  for (let i = 0; i < 100 && (await names(d.socket)).join() !== "b,c"; i++) await new Promise((r) => setTimeout(r, 50));
+  t.same(await names(d.socket), ["b", "c"], "SIGHUP: a removed, c added, b (registered at run time) kept");
+  writeFileSync(config, "{ broken");
+  d.proc.kill("SIGHUP");
+  await new Promise((r) => setTimeout(r, 200));
+  t.same(await names(d.socket), ["b", "c"], "an invalid configuration is refused; the daemon keeps running");
+  t.equal(await d.stop("SIGTERM"), 0, "SIGTERM: clean exit");
+  writeFileSync(config, "{}");
+  const again = await startDaemon(t, { dir });
+  t.same(await names(again.socket), ["b"], "a domain registered at run time survives a restart");
+  t.equal((await cli(again.socket, ["domain-remove", "b"])).code, 0);
+  await again.stop();
+  const third = await startDaemon(t, { dir });
+  t.same(await names(third.socket), [], "and its removal too");
+});
