@@ -52,10 +52,16 @@ export class Daemon {
     private config: DaemonConfig,
     private readonly log: Logger,
   ) {
-    this.domains = new DomainRegistry(config.stateDir, log, (e) => {
-      for (const fn of this.domainListeners) fn(e);
-    });
+    this.domains = new DomainRegistry(
+      config.stateDir,
+      log,
+      (e) => {
+        for (const fn of this.domainListeners) fn(e);
+      },
+      (d) => this.jobs.recover(d),
+    );
     this.jobs = new JobManager({
+      stateDir: config.stateDir,
       logger: log,
       backupDir: config.backupDir,
       allowedDirs: config.allowDirs,

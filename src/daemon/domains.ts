@@ -47,6 +47,8 @@ export class Domain implements BackupDomain {
     readonly checkpoints: CheckpointManager,
     private readonly log: Logger,
     private readonly onEvent: (e: DomainEvent) => void,
+    /** Runs on every connect before the domain is usable (job adoption, leftover cleanup). */
+    private readonly onConnect: (d: Domain) => Promise<void>,
   ) {
     this.agentPath = config.agent;
     this.supervisor = new QmpSupervisor(
@@ -104,6 +106,7 @@ export class Domain implements BackupDomain {
     this.stateValue = "connected";
     this.lastError = undefined;
     this.log.info({ domain: this.name, qemu: caps.value.package }, "domain connected");
+    await this.onConnect(this);
     await this.checkpoints.reconcile(c);
     this.onEvent({ domain: this.name, type: "connected" });
   }
@@ -125,6 +128,7 @@ export class DomainRegistry {
     private readonly stateDir: string,
     private readonly log: Logger,
     private readonly onEvent: (e: DomainEvent) => void,
+    private readonly onConnect: (d: Domain) => Promise<void> = async () => {},
   ) {
     this.file = join(stateDir, "domains.json");
   }
@@ -160,7 +164,7 @@ export class DomainRegistry {
     if (this.domains.has(config.name)) return errAsync({ code: "duplicate", message: `domain '${config.name}' is already registered` });
     return CheckpointStore.open(this.stateDir, config.name, this.log).andThen((store) => {
       const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
-      const d = new Domain(config, origin, checkpoints, this.log, this.onEvent);
+      const d = new Domain(config, origin, checkpoints, this.log, this.onEvent, this.onConnect);
       this.domains.set(config.name, d);
       d.start();
       return (origin === "api" ? this.persist() : okAsync(undefined)).map(() => d);

@@ -11,6 +11,9 @@
  * a job's outcome (auto-dismiss is off, so a concluded job stays readable
  * until we dismiss it).
  */
+
+import { existsSync } from "node:fs";
+import net from "node:net";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
 import { type BackupDef, backupDefFormat } from "../conf/backup.js";
@@ -18,9 +21,11 @@ import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { EventListener } from "../qmp/events.js";
+import type { QmpAddress } from "../qmp/protocol.js";
 import type { BackupError } from "./errors.js";
 import { imageCreate, imageRemove } from "./images.js";
 import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
+import type { JobRecord, JobStore } from "./record.js";
 
 export type JobState = "begin" | "inprogress" | "ready" | "failed" | "cancelled";
 export type DiskJobState = "begin" | "running" | "complete" | "failed" | "cancelled";
@@ -77,6 +82,30 @@ export interface JobContext {
   readonly runTransaction: (tx: () => ResultAsync<void, BackupError>) => ResultAsync<void, BackupError>;
   readonly logger: Logger;
   readonly emit: (e: JobEvent) => void;
+  /** Durable job record (undefined: not persisted, as in unit tests). */
+  readonly store?: JobStore | undefined;
+  /** The QMP connection dropped but QEMU still runs: the manager forgets this instance and adopts the job again at reconnect. */
+  readonly onDetached?: ((job: BackupJob) => void) | undefined;
+}
+
+/** Does anything still listen at QEMU's QMP address? (A dead QEMU leaves ECONNREFUSED/ENOENT.) */
+function qemuAlive(address: QmpAddress): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = "path" in address ? net.createConnection(address.path) : net.createConnection(address.port, address.host);
+    const timer = setTimeout(() => {
+      sock.destroy();
+      resolve(true);
+    }, 1000);
+    sock.once("connect", () => {
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(true);
+    });
+    sock.once("error", () => {
+      clearTimeout(timer);
+      resolve(false);
+    });
+  });
 }
 
 export interface NbdServerPlan {
@@ -86,7 +115,15 @@ export interface NbdServerPlan {
   readonly uri: string;
 }
 
-interface DiskRuntime {
+export interface JobFlags {
+  txDone: boolean;
+  tempBitmapsAdded: boolean;
+  checkpointCommitted: boolean;
+  nbdStarted: boolean;
+  tlsAdded: boolean;
+}
+
+export interface DiskRuntime {
   readonly plan: DiskPlan;
   state: DiskJobState;
   fileCreated: boolean;
@@ -105,14 +142,11 @@ export class BackupJob {
   private stateValue: JobState = "begin";
   private activeValue = true;
   private readonly disks: DiskRuntime[];
-  private readonly started = Date.now();
+  private started: number = Date.now();
   private endedAt: number | undefined;
   private errorText: string | undefined;
-  private txDone = false;
-  private tempBitmapsAdded = false;
-  private checkpointCommitted = false;
-  private nbdStarted = false;
-  private tlsAdded = false;
+  /** What has happened in QEMU, job-wide; teardown undoes exactly these. */
+  private f: JobFlags = { txDone: false, tempBitmapsAdded: false, checkpointCommitted: false, nbdStarted: false, tlsAdded: false };
   private listener: EventListener<"JOB_STATUS_CHANGE"> | undefined;
   private finishing: Promise<void> | undefined;
   private readonly waiters: (() => void)[] = [];
@@ -216,9 +250,131 @@ export class BackupJob {
 
   private setState(s: JobState, event: JobEventType): void {
     this.stateValue = s;
+    if (this.activeValue) void this.persist();
     this.log.info({ state: s }, `backup ${event}`);
     this.ctx.emit({ type: event, info: this.info() });
     if (s === "ready" || s === "failed" || s === "cancelled") for (const w of this.waiters.splice(0)) w();
+  }
+
+  // ---------------------------------------------------------------- persistence
+
+  record(): JobRecord {
+    return {
+      version: 1,
+      id: this.ctx.id,
+      domain: this.ctx.domain,
+      startedAt: this.started,
+      state: this.stateValue,
+      error: this.errorText,
+      def: this.ctx.def,
+      plans: this.ctx.plans,
+      planOpts: this.ctx.planOpts,
+      checkpoint: this.ctx.checkpoint,
+      nbd: this.ctx.nbd,
+      flags: { ...this.f },
+      disks: this.disks.map((d) => ({
+        state: d.state,
+        fileCreated: d.fileCreated,
+        nodeAdded: d.nodeAdded,
+        jobStarted: d.jobStarted,
+        jobDismissed: d.jobDismissed,
+        exportAdded: d.exportAdded,
+        bytesDone: d.bytesDone,
+        bytesTotal: d.bytesTotal,
+        error: d.error,
+      })),
+    };
+  }
+
+  private persistChain: Promise<unknown> = Promise.resolve();
+
+  /** Write the job record (in order; each write atomic). Fails only when the record cannot be made durable. */
+  private persist(): ResultAsync<void, BackupError> {
+    const store = this.ctx.store;
+    if (store === undefined || this.detached) return okAsync(undefined);
+    const rec = this.record();
+    const p = this.persistChain.then(() => store.save(rec));
+    this.persistChain = p;
+    return new ResultAsync(p).mapErr((e): BackupError => {
+      this.log.error({ error: e.message }, "cannot persist the job record");
+      return e;
+    });
+  }
+
+  /** Restore runtime flags from a record (adoption after a daemon restart). */
+  restoreFrom(rec: JobRecord): void {
+    this.f = { ...rec.flags };
+    this.stateValue = rec.state;
+    this.errorText = rec.error;
+    this.started = rec.startedAt;
+    for (const [i, d] of this.disks.entries()) {
+      const r = rec.disks[i];
+      if (r === undefined) continue;
+      Object.assign(d, { ...r });
+    }
+  }
+
+  // ---------------------------------------------------------------- adoption
+
+  /**
+   * After a daemon restart or a reconnect: match the record with what QEMU
+   * has now, record outcomes reached while we were away, and follow the job
+   * again — or finish it: a job caught mid-begin, or whose QEMU jobs are gone
+   * (QEMU restarted), fails and is cleaned up.
+   */
+  async adopt(): Promise<void> {
+    const c = this.ctx.client;
+    const [jobs, nodes, exports] = await Promise.all([
+      c.execute("query-jobs"),
+      c.execute("query-named-block-nodes", { flat: true }),
+      c.execute("query-block-exports"),
+    ]);
+    if (jobs.isErr() || nodes.isErr() || exports.isErr()) {
+      this.log.error("cannot read QEMU's state to adopt the job; retrying at the next connect");
+      this.detach();
+      this.ctx.onDetached?.(this);
+      return;
+    }
+    const byId = new Map(jobs.value.map((j) => [j.id, j]));
+    const nodeNames = new Set(nodes.value.map((n) => n["node-name"]));
+    const exportIds = new Set(exports.value.map((e) => e.id));
+    const startedBegin = this.stateValue === "begin";
+    let vanished: string | undefined;
+    for (const d of this.disks) {
+      d.nodeAdded = nodeNames.has(d.plan.targetNode);
+      d.exportAdded = d.plan.export !== undefined && exportIds.has(d.plan.export.id);
+      const j = byId.get(d.plan.jobId);
+      d.jobStarted = j !== undefined;
+      d.jobDismissed = j === undefined;
+      // paths were checked free and created with O_EXCL: whatever is there now is ours
+      if (startedBegin && d.plan.createFile) d.fileCreated = existsSync(d.plan.file);
+      if (j === undefined && d.state === "running") vanished ??= `disk '${d.plan.disk}': its QEMU job is gone (QEMU restarted?)`;
+      if (this.ctx.def.mode === "pull" && d.state === "running" && !d.exportAdded)
+        vanished ??= `disk '${d.plan.disk}': its NBD export is gone`;
+    }
+    const temp = new Set(nodes.value.flatMap((n) => (n["dirty-bitmaps"] ?? []).map((b) => `${n["node-name"]}/${b.name}`)));
+    this.f.tempBitmapsAdded = this.disks.some((d) => d.plan.tempBitmap !== undefined && temp.has(`${d.plan.node}/${d.plan.tempBitmap}`));
+    this.f.txDone = this.f.txDone || this.disks.some((d) => d.jobStarted);
+    this.listener = c.listen(["JOB_STATUS_CHANGE"], (e) => this.disks.some((d) => d.plan.jobId === e.data.id));
+    c.onClose((info) => this.onDisconnect(info.message));
+    this.log.info({ state: this.stateValue }, "adopting the backup job after a restart");
+    if (startedBegin || vanished !== undefined) {
+      this.errorText = startedBegin ? "the daemon stopped while the backup was starting" : vanished;
+      this.finishing = this.teardown("failed");
+      await this.finishing;
+      return;
+    }
+    for (const d of this.disks) {
+      const j = byId.get(d.plan.jobId);
+      if (j?.status === "concluded" && d.state === "running") await this.onConcluded(d);
+    }
+    if (this.finishing !== undefined) {
+      await this.finishing;
+      return;
+    }
+    void this.watch();
+    if (this.ctx.def.mode === "push") this.startProgressTimer();
+    void this.persist();
   }
 
   // ---------------------------------------------------------------- begin
@@ -227,10 +383,16 @@ export class BackupJob {
     const { client, def } = this.ctx;
     this.listener = client.listen(["JOB_STATUS_CHANGE"], (e) => this.disks.some((d) => d.plan.jobId === e.data.id));
     client.onClose((info) => this.onDisconnect(info.message));
-    const steps = this.createFiles()
+    // the record goes to disk before each step acts, so a crash anywhere leaves a trail to clean up
+    const steps = this.persist()
+      .andThen(() => this.createFiles())
+      .andThen(() => this.persist())
       .andThen(() => this.addNodes())
+      .andThen(() => this.persist())
       .andThen(() => this.ctx.runTransaction(() => this.transaction()))
+      .andThen(() => this.persist())
       .andThen(() => this.commitCheckpoint())
+      .andThen(() => this.persist())
       .andThen(() => (def.mode === "pull" ? this.startExports() : okAsync(undefined)));
     return new ResultAsync(
       (async () => {
@@ -285,8 +447,8 @@ export class BackupJob {
     return this.ctx.client
       .execute("transaction", { actions })
       .map(() => {
-        this.txDone = true;
-        this.tempBitmapsAdded = true;
+        this.f.txDone = true;
+        this.f.tempBitmapsAdded = true;
         for (const d of this.disks) d.jobStarted = true;
       })
       .mapErr((e) => fail(`cannot start the backup: ${qmpErrorMessage(e)}`));
@@ -298,7 +460,7 @@ export class BackupJob {
     return this.ctx.checkpoints
       .commit(cp.def)
       .map(() => {
-        this.checkpointCommitted = true;
+        this.f.checkpointCommitted = true;
       })
       .orElse((e) =>
         // metadata could not be written: the bitmaps must not outlive the backup
@@ -324,14 +486,14 @@ export class BackupJob {
               "verify-peer": false,
             })
             .map(() => {
-              this.tlsAdded = true;
+              this.f.tlsAdded = true;
             })
             .mapErr((e) => fail(`cannot load TLS credentials: ${qmpErrorMessage(e)}`));
     let chain = tls.andThen(() =>
       c
         .execute("nbd-server-start", { addr: nbd.addr, ...(nbd.tlsCreds ? { "tls-creds": nbd.tlsCreds.id } : {}) })
         .map(() => {
-          this.nbdStarted = true;
+          this.f.nbdStarted = true;
         })
         .mapErr((e) => fail(`cannot start the NBD server at ${nbd.uri}: ${qmpErrorMessage(e)}`)),
     );
@@ -423,7 +585,20 @@ export class BackupJob {
 
   private onDisconnect(reason: string): void {
     if (!this.activeValue || this.detached) return;
-    this.errorText = `QEMU connection lost: ${reason}`;
+    void qemuAlive(this.ctx.client.address).then((alive) => {
+      if (this.detached || !this.activeValue) return;
+      if (alive && this.ctx.store !== undefined) {
+        this.log.warn({ reason }, "QMP connection lost but QEMU still runs; the job is adopted again at reconnect");
+        this.detach();
+        this.ctx.onDetached?.(this);
+        return;
+      }
+      this.failOnQemuGone(reason);
+    });
+  }
+
+  private failOnQemuGone(reason: string): void {
+    this.errorText = `QEMU went away: ${reason}`;
     // Nothing more can be asked of QEMU; what lives in QEMU died with it or is found at the next start.
     for (const d of this.disks) {
       d.nodeAdded = false;
@@ -431,9 +606,9 @@ export class BackupJob {
       d.exportAdded = false;
       if (d.state === "running" || d.state === "begin") d.state = "failed";
     }
-    this.nbdStarted = false;
-    this.tlsAdded = false;
-    this.tempBitmapsAdded = false;
+    this.f.nbdStarted = false;
+    this.f.tlsAdded = false;
+    this.f.tempBitmapsAdded = false;
     this.finishing ??= this.teardown("failed");
   }
 
@@ -468,12 +643,12 @@ export class BackupJob {
     if (connected) {
       for (const d of this.disks)
         if (d.exportAdded) await step("block-export-del", c.execute("block-export-del", { id: d.plan.export!.id, mode: "hard" }));
-      if (this.nbdStarted) await step("nbd-server-stop", c.execute("nbd-server-stop"));
-      if (this.tlsAdded) await step("object-del", c.execute("object-del", { id: this.ctx.nbd!.tlsCreds!.id }));
+      if (this.f.nbdStarted) await step("nbd-server-stop", c.execute("nbd-server-stop"));
+      if (this.f.tlsAdded) await step("object-del", c.execute("object-del", { id: this.ctx.nbd!.tlsCreds!.id }));
       await this.cancelJobs();
       for (const d of this.disks)
         if (d.nodeAdded) await step("blockdev-del", c.execute("blockdev-del", { "node-name": d.plan.targetNode }));
-      if (this.tempBitmapsAdded) {
+      if (this.f.tempBitmapsAdded) {
         for (const d of this.disks) {
           if (d.plan.tempBitmap !== undefined && d.plan.incremental !== undefined) {
             await step("bitmap-remove", c.execute("block-dirty-bitmap-remove", { node: d.plan.node, name: d.plan.tempBitmap }));
@@ -487,12 +662,12 @@ export class BackupJob {
     if (removeFiles) for (const d of this.disks) if (d.fileCreated) await imageRemove(d.plan.file);
     // A checkpoint created with a push that did not complete must not claim a backup exists.
     if (this.ctx.checkpoint !== undefined && outcome !== "ready") {
-      if (this.checkpointCommitted) {
+      if (this.f.checkpointCommitted) {
         await step(
           "checkpoint-delete",
           this.ctx.checkpoints.delete(connected ? c : undefined, this.ctx.checkpoint.def.name, { metadataOnly: !connected }),
         );
-      } else if (this.txDone && connected) {
+      } else if (this.f.txDone && connected) {
         await step("checkpoint-discard", this.ctx.checkpoints.discard(c, this.ctx.checkpoint));
       }
     }
@@ -502,6 +677,12 @@ export class BackupJob {
     }
     this.endedAt = Date.now();
     this.activeValue = false;
+    if (this.ctx.store !== undefined && !this.detached) {
+      await this.persistChain.catch(() => {});
+      const store = this.ctx.store;
+      await store.saveCompleted({ ...this.info(), active: false, state: outcome });
+      await store.remove(this.ctx.domain);
+    }
     const event: JobEventType = outcome === "ready" ? "ready" : outcome;
     if (outcome !== this.stateValue) this.setState(outcome, event);
     this.ctx.emit({ type: "ended", info: this.info() });

@@ -15,13 +15,14 @@ import { type BackupDef, type BackupDiskDef, backupDefAlign, backupDefParse } fr
 import { type CheckpointDef, type CheckpointDefFull, checkpointDefParse } from "../conf/checkpoint.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
-import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
+import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
 import { ensureDir } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
 import { checkBackupPath } from "./paths.js";
 import { type DiskPlan, type PlanOptions, planDisk } from "./plan.js";
 import { freeTcpPort } from "./ports.js";
+import { JobStore } from "./record.js";
 
 /** What the job manager needs of a domain. */
 export interface BackupDomain {
@@ -44,6 +45,8 @@ export interface JobManagerOptions {
   readonly tlsDir?: string | undefined;
   /** Allow plain-text NBD on a non-loopback address. */
   readonly allowPlainTcp?: boolean;
+  /** Where job records live (<stateDir>/jobs); without it jobs are not persisted. */
+  readonly stateDir?: string | undefined;
 }
 
 export interface BeginOptions {
@@ -65,8 +68,90 @@ export class JobManager {
   private readonly subscribers = new Set<(e: JobEvent) => void>();
   private readonly log: Logger;
 
+  private readonly store: JobStore | undefined;
+
   constructor(private readonly opts: JobManagerOptions) {
     this.log = opts.logger;
+    this.store = opts.stateDir === undefined ? undefined : new JobStore(join(opts.stateDir, "jobs"));
+  }
+
+  private forget(job: BackupJob): void {
+    const d = job.info().domain;
+    if (this.active.get(d) === job) this.active.delete(d);
+  }
+
+  /**
+   * On every (re)connect of a domain: adopt the job its record describes, or
+   * remove what a crashed daemon left in QEMU without a record.
+   */
+  async recover(domain: BackupDomain): Promise<void> {
+    const client = domain.client();
+    if (client === undefined || this.store === undefined) return;
+    if (!this.completed.has(domain.name)) {
+      const c = await this.store.loadCompleted(domain.name);
+      if (c !== undefined) this.completed.set(domain.name, c);
+    }
+    if (this.active.get(domain.name)?.active) return;
+    const rec = await this.store.load(domain.name);
+    if (rec.isErr()) {
+      this.log.error({ domain: domain.name, error: rec.error.message }, "cannot read the job record; leaving QEMU as it is");
+      return;
+    }
+    if (rec.value === undefined) {
+      await this.cleanLeftovers(domain.name, client);
+      return;
+    }
+    const r = rec.value;
+    const job = new BackupJob({
+      id: r.id,
+      domain: domain.name,
+      client,
+      checkpoints: domain.checkpoints,
+      def: r.def,
+      plans: r.plans,
+      planOpts: r.planOpts,
+      checkpoint: r.checkpoint,
+      nbd: r.nbd,
+      logger: this.log,
+      emit: (e) => this.emit(e),
+      runTransaction: (tx) => tx(),
+      store: this.store,
+      onDetached: (j) => this.forget(j),
+    });
+    job.restoreFrom(r);
+    this.active.set(domain.name, job);
+    await job.adopt();
+  }
+
+  /** Nodes, jobs and exports named like ours but claimed by no job record: a crash mid-begin without a record, or older leftovers. */
+  private async cleanLeftovers(domain: string, client: QmpClient): Promise<void> {
+    const cleaned: string[] = [];
+    const jobs = await client.execute("query-jobs");
+    for (const j of jobs.isOk() ? jobs.value : []) {
+      if (!j.id.startsWith(OWN_NODE_PREFIX)) continue;
+      if (j.status !== "concluded") {
+        const l = client.listen(["JOB_STATUS_CHANGE"], (e) => e.data.id === j.id && e.data.status === "concluded");
+        await client.execute("job-cancel", { id: j.id });
+        await l.next(10_000);
+        l.close();
+      }
+      await client.execute("job-dismiss", { id: j.id });
+      cleaned.push(`job ${j.id}`);
+    }
+    const exports = await client.execute("query-block-exports");
+    for (const e of exports.isOk() ? exports.value : []) {
+      if (!e.id.startsWith(OWN_NODE_PREFIX)) continue;
+      await client.execute("block-export-del", { id: e.id, mode: "hard" });
+      cleaned.push(`export ${e.id}`);
+    }
+    const nodes = await client.execute("query-named-block-nodes", { flat: true });
+    for (const n of nodes.isOk() ? nodes.value : []) {
+      const name = n["node-name"];
+      if (name === undefined || !name.startsWith(OWN_NODE_PREFIX)) continue;
+      const r = await client.execute("blockdev-del", { "node-name": name });
+      if (r.isOk()) cleaned.push(`node ${name}`);
+    }
+    if (cleaned.length > 0) this.log.warn({ domain, cleaned }, "removed leftovers of an interrupted backup");
   }
 
   subscribe(fn: (e: JobEvent) => void): () => void {
@@ -373,6 +458,8 @@ export class JobManager {
       nbd,
       logger: log,
       emit: (e) => this.emit(e),
+      store: this.store,
+      onDetached: (j) => this.forget(j),
       runTransaction: (tx) =>
         opts.quiesce
           ? withFrozenGuest(domain.agentPath, log, tx).mapErr(
