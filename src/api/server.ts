@@ -98,7 +98,6 @@ export function buildApi(deps: ApiDeps) {
     requestTimeout: 60_000,
     connectionTimeout: 0,
     keepAliveTimeout: 5_000,
-    disableRequestLogging: true,
     // on stop, do not wait for open event streams or keep-alive clients
     forceCloseConnections: true,
   });

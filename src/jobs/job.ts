@@ -357,7 +357,7 @@ export class BackupJob {
     this.f.txDone = this.f.txDone || this.disks.some((d) => d.jobStarted);
     this.listener = c.listen(["JOB_STATUS_CHANGE"], (e) => this.disks.some((d) => d.plan.jobId === e.data.id));
     c.onClose((info) => this.onDisconnect(info.message));
-    this.log.info({ state: this.stateValue }, "adopting the backup job after a restart");
+    this.log.warn({ state: this.stateValue }, "adopting the backup job after a restart");
     if (startedBegin || vanished !== undefined) {
       this.errorText = startedBegin ? "the daemon stopped while the backup was starting" : vanished;
       this.finishing = this.teardown("failed");
@@ -564,6 +564,8 @@ export class BackupJob {
       d.bytesDone = j["total-progress"];
       d.bytesTotal = j["total-progress"];
     }
+    // record the outcome before dismissing: once dismissed, QEMU no longer knows it
+    await this.persist();
     const dismissed = await this.ctx.client.execute("job-dismiss", { id: d.plan.jobId });
     if (dismissed.isOk()) d.jobDismissed = true;
     if (d.state === "failed") {

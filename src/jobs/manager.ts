@@ -98,7 +98,7 @@ export class JobManager {
       return;
     }
     if (rec.value === undefined) {
-      await this.cleanLeftovers(domain.name, client);
+      await this.cleanLeftovers(domain.name, client, new Set());
       return;
     }
     const r = rec.value;
@@ -121,14 +121,17 @@ export class JobManager {
     job.restoreFrom(r);
     this.active.set(domain.name, job);
     await job.adopt();
+    // anything else named like ours is older debris
+    const claimed = new Set(job.active ? r.plans.flatMap((p) => [p.jobId, p.targetNode, ...(p.export ? [p.export.id] : [])]) : []);
+    await this.cleanLeftovers(domain.name, client, claimed);
   }
 
   /** Nodes, jobs and exports named like ours but claimed by no job record: a crash mid-begin without a record, or older leftovers. */
-  private async cleanLeftovers(domain: string, client: QmpClient): Promise<void> {
+  private async cleanLeftovers(domain: string, client: QmpClient, claimed: ReadonlySet<string>): Promise<void> {
     const cleaned: string[] = [];
     const jobs = await client.execute("query-jobs");
     for (const j of jobs.isOk() ? jobs.value : []) {
-      if (!j.id.startsWith(OWN_NODE_PREFIX)) continue;
+      if (!j.id.startsWith(OWN_NODE_PREFIX) || claimed.has(j.id)) continue;
       if (j.status !== "concluded") {
         const l = client.listen(["JOB_STATUS_CHANGE"], (e) => e.data.id === j.id && e.data.status === "concluded");
         await client.execute("job-cancel", { id: j.id });
@@ -140,14 +143,14 @@ export class JobManager {
     }
     const exports = await client.execute("query-block-exports");
     for (const e of exports.isOk() ? exports.value : []) {
-      if (!e.id.startsWith(OWN_NODE_PREFIX)) continue;
+      if (!e.id.startsWith(OWN_NODE_PREFIX) || claimed.has(e.id)) continue;
       await client.execute("block-export-del", { id: e.id, mode: "hard" });
       cleaned.push(`export ${e.id}`);
     }
     const nodes = await client.execute("query-named-block-nodes", { flat: true });
     for (const n of nodes.isOk() ? nodes.value : []) {
       const name = n["node-name"];
-      if (name === undefined || !name.startsWith(OWN_NODE_PREFIX)) continue;
+      if (name === undefined || !name.startsWith(OWN_NODE_PREFIX) || claimed.has(name)) continue;
       const r = await client.execute("blockdev-del", { "node-name": name });
       if (r.isOk()) cleaned.push(`node ${name}`);
     }
