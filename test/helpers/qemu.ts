@@ -125,7 +125,12 @@ async function finish(
   spawned: ReturnType<typeof spawnQemu>,
 ): Promise<QemuProcess> {
   await waitForSocket(testPath, spawned.proc, spawned.stderr);
-  const mon = await QmpClient.connect({ path: testPath }, { logger: silentLogger });
+  // the socket file appears at bind(), a moment before QEMU listens: retry a refused connect
+  let mon = await QmpClient.connect({ path: testPath }, { logger: silentLogger });
+  for (let i = 0; i < 100 && mon.isErr(); i++) {
+    await new Promise((r) => setTimeout(r, 20));
+    mon = await QmpClient.connect({ path: testPath }, { logger: silentLogger });
+  }
   if (mon.isErr()) throw new Error(`test monitor: ${qmpErrorMessage(mon.error)}`);
   const monitor = mon.value;
   t.teardown(() => monitor.close());
