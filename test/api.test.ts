@@ -88,6 +88,34 @@ t.test("limits, errors and permissions", async (t) => {
   t.match((await req(api, "POST", "/v1/domains/ghost/backup", {})).body, { code: "not-connected" });
   t.equal((await req(api, "POST", "/v1/domains", { name: "ghost", qmp: "/x" })).status, 409);
   t.match((await req(api, "GET", "/v1/health")).body, { status: "ok" });
+  // a stuck client (half a request, never finished) does not block others
+  const { createConnection } = await import("node:net");
+  const stuck = Array.from({ length: 20 }, () => {
+    const s = createConnection(d.socket);
+    s.on("error", () => {});
+    s.write("POST /v1/domains HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{");
+    return s;
+  });
+  const s0 = Date.now();
+  t.match((await req(api, "GET", "/v1/health")).body, { status: "ok" });
+  t.ok(Date.now() - s0 < 1000, "served at once beside 20 stuck clients");
+  for (const s of stuck) s.destroy();
+});
+
+t.test("no shell is ever run", async (t) => {
+  const { readdirSync, readFileSync, statSync } = await import("node:fs");
+  const { join } = await import("node:path");
+  const files: string[] = [];
+  const walk = (d: string) => {
+    for (const f of readdirSync(d)) {
+      const p = join(d, f);
+      if (statSync(p).isDirectory()) walk(p);
+      else if (p.endsWith(".ts")) files.push(p);
+    }
+  };
+  walk(join(import.meta.dirname, "..", "src"));
+  const offenders = files.filter((f) => /(?<![.\w])exec\(|execSync\(|shell:\s*true|spawn\([^)]*sh\b/.test(readFileSync(f, "utf8")));
+  t.same(offenders, [], "src uses execFile with argument vectors only");
 });
 
 t.test("event stream and metrics", async (t) => {

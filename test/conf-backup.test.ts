@@ -66,6 +66,10 @@ t.test("bad input: clear errors", async (t) => {
     ["<domainbackup><disks><disk name='../vda'/></disks></domainbackup>", /must not start with '\.'/],
     ["<domainbackup><incremental>a/b</incremental></domainbackup>", /must not contain '\/'/],
     ["<domainbackup><disks/></domainbackup>", /at least one <disk>/],
+    [
+      `<domainbackup><disks>${Array.from({ length: 300 }, (_, i) => `<disk name='vd${i}'/>`).join("")}</disks></domainbackup>`,
+      /more than 256 disks/,
+    ],
   ];
   for (const [xml, re] of cases) {
     const r = backupDefParse(xml);

@@ -58,6 +58,9 @@ export interface BackupParseOptions {
   readonly internal?: boolean;
 }
 
+/** More disks than any VM has: a larger list is not a real request. */
+export const MAX_DISKS = 256;
+
 const STORAGE_FORMATS = new Set([
   "raw",
   "qcow2",
@@ -250,6 +253,7 @@ export function backupDefFromElement(root: XmlElement, opts: BackupParseOptions 
     const da = checkAllowed(disks.value, ["disk"], []);
     if (da.isErr()) return err(da.error);
     if (disks.value.children.length === 0) return invalid("<disks> needs at least one <disk>");
+    if (disks.value.children.length > MAX_DISKS) return invalid(`<disks> lists more than ${MAX_DISKS} disks`);
     const list: BackupDiskDef[] = [];
     for (const d of disks.value.children) {
       const r = parseDisk(d, mode, internal);
