@@ -17,8 +17,9 @@ const TOOLS = {
   nbdinfo: "libnbd-bin",
   nbdcopy: "libnbd-bin",
   xmllint: "libxml2-utils",
+  openssl: "openssl",
 };
-const APT = ["qemu-system-x86", "qemu-utils", "libnbd-bin", "libxml2-utils"];
+const APT = ["qemu-system-x86", "qemu-utils", "libnbd-bin", "libxml2-utils", "openssl"];
 
 function have(cmd) {
   return spawnSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" }).status === 0;
