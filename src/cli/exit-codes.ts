@@ -1,11 +1,14 @@
-/** The CLI's exit codes: decided here and only here (documented in the README). */
-import type { ApiErrorCode } from "../api/errors.js";
+/**
+ * The CLI's exit codes, decided here and only here (documented in the
+ * README). They follow the HTTP status the daemon answered with, so the
+ * error codes themselves are mapped in one place only (src/api/errors.ts).
+ */
 
 export const EXIT = {
   ok: 0,
   /** The operation ran and failed (backup failed or cancelled, QEMU error, internal error). */
   failed: 1,
-  /** Bad usage or a request the daemon refused as malformed. */
+  /** Bad usage or a request the daemon refused as malformed or unsupported. */
   usage: 2,
   /** Domain, checkpoint or job not found. */
   notFound: 3,
@@ -17,40 +20,23 @@ export const EXIT = {
   timeout: 6,
 } as const;
 
-export function exitCodeFor(code: ApiErrorCode | "not-found" | "unreachable"): number {
-  switch (code) {
-    case "bad-request":
-    case "xml-malformed":
-    case "xml-invalid":
-    case "invalid-name":
-    case "unknown-disk":
-    case "unsupported-disk":
-    case "config-invalid":
-    case "too-large":
-    case "unsupported":
+export function exitCodeForStatus(status: number): number {
+  if (status < 400) return EXIT.ok;
+  switch (status) {
+    case 400:
+    case 413:
+    case 422:
       return EXIT.usage;
-    case "unknown-domain":
-    case "not-found":
-    case "no-job":
-      return EXIT.notFound;
-    case "duplicate":
-    case "busy":
-    case "target-exists":
-    case "bitmap-missing":
-    case "checkpoint-invalid":
-    case "path-refused":
+    case 403:
+    case 409:
       return EXIT.conflict;
-    case "not-connected":
-    case "unreachable":
+    case 404:
+      return EXIT.notFound;
+    case 503:
       return EXIT.unavailable;
-    case "timeout":
+    case 504:
       return EXIT.timeout;
-    case "qmp":
-    case "agent":
-    case "io":
-    case "image":
-    case "job-failed":
-    case "internal":
+    default:
       return EXIT.failed;
   }
 }

@@ -7,7 +7,7 @@ import { readFileSync } from "node:fs";
 import { Command, CommanderError } from "commander";
 import { escapeText } from "../conf/xml.js";
 import { ApiClient, type ApiReply, isCallError } from "./client.js";
-import { EXIT, exitCodeFor } from "./exit-codes.js";
+import { EXIT, exitCodeForStatus } from "./exit-codes.js";
 
 const DEFAULT_SOCKET = "/run/qbackupd/qbackupd.sock";
 
@@ -39,10 +39,9 @@ async function call(ctx: Ctx, method: string, path: string, body?: unknown): Pro
   const r = await ctx.api.request(method, path, body);
   if (isCallError(r)) throw new CliFailure(r.message, EXIT.unavailable);
   if (r.status >= 400) {
-    const b = r.body as { code?: string; message?: string };
-    const code = typeof b === "object" && b !== null && typeof b.code === "string" ? b.code : "internal";
+    const b = r.body as { message?: string };
     const message = typeof b === "object" && b !== null && typeof b.message === "string" ? b.message : r.text;
-    throw new CliFailure(message, exitCodeFor(code as Parameters<typeof exitCodeFor>[0]) ?? EXIT.failed);
+    throw new CliFailure(message, exitCodeForStatus(r.status));
   }
   return r;
 }
