@@ -118,3 +118,19 @@ t.test("pull over TCP without a port: a free one is picked and shown", async (t)
     },
   );
 });
+
+t.test("an export removed behind the daemon's back fails the pull and cleans up", async (t) => {
+  const d = await testDomain(t, "vm1", DISKS);
+  const jm = jobManager(d.backupDir);
+  const sock = join(d.vm.dir, "nbd.sock");
+  (
+    await jm.begin(d.domain, `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`, undefined)
+  )._unsafeUnwrap();
+  (await d.vm.monitor.execute("block-export-del", { id: "qbk-e1" }))._unsafeUnwrap();
+  for (let i = 0; i < 200 && jm.job("vm1")?.active; i++) await new Promise((res) => setTimeout(res, 25));
+  const r = (await jm.info("vm1", { completed: true }))._unsafeUnwrap();
+  t.equal(r.state, "failed");
+  t.match(r.error, /disk 'vdb': its NBD export was removed/);
+  t.same(await leftovers(d.client), []);
+  t.same(readdirSync(join(d.backupDir, "vm1")), []);
+});

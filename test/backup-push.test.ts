@@ -189,3 +189,24 @@ t.test("a target that fills up fails the whole backup, cleans up, and another do
   t.ok(await rangeHolds(g.disks[0]!.file, "qcow2", 0x71, 0, 8 * MiB));
   t.ok(existsSync(g.disks[1]!.file));
 });
+
+t.test("quiesce: the guest is frozen around the backup's transaction and thawed after", async (t) => {
+  const { startFakeAgent } = await import("./helpers/fake-agent.js");
+  const agent = await startFakeAgent(t);
+  const d = await testDomain(t, "vm1", DISKS);
+  const jm = jobManager(d.backupDir);
+  const domain = { ...d.domain, name: d.domain.name, client: d.domain.client, agentPath: agent.path };
+  (await jm.begin(domain, undefined, "<domaincheckpoint><name>q</name></domaincheckpoint>", { quiesce: true }))._unsafeUnwrap();
+  t.same(agent.log, ["guest-sync-delimited", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+  t.equal(agent.state, "thawed");
+  t.equal((await jm.wait("vm1", 30_000))._unsafeUnwrap().state, "ready");
+  // freeze refused: nothing is started, nothing left
+  agent.failFreeze = "guest-fsfreeze-freeze not supported";
+  const e = (
+    await jm.begin(domain, undefined, "<domaincheckpoint><name>q2</name></domaincheckpoint>", { quiesce: true })
+  )._unsafeUnwrapErr();
+  t.match(e, { code: "agent", message: /cannot quiesce the guest: guest-fsfreeze-freeze: guest-fsfreeze-freeze not supported/ });
+  t.equal(d.checkpoints.store.get("q2"), undefined);
+  t.same(await leftovers(d.client), []);
+  t.same(readdirSync(join(d.backupDir, "vm1")).length, 2, "only the first backup's targets remain");
+});

@@ -148,6 +148,7 @@ export class BackupJob {
   /** What has happened in QEMU, job-wide; teardown undoes exactly these. */
   private f: JobFlags = { txDone: false, tempBitmapsAdded: false, checkpointCommitted: false, nbdStarted: false, tlsAdded: false };
   private listener: EventListener<"JOB_STATUS_CHANGE"> | undefined;
+  private others: EventListener<"BLOCK_EXPORT_DELETED" | "BLOCK_JOB_ERROR"> | undefined;
   private finishing: Promise<void> | undefined;
   private readonly waiters: (() => void)[] = [];
   /** Set when the daemon shuts down: QEMU keeps running the job; nothing is torn down. */
@@ -355,8 +356,7 @@ export class BackupJob {
     const temp = new Set(nodes.value.flatMap((n) => (n["dirty-bitmaps"] ?? []).map((b) => `${n["node-name"]}/${b.name}`)));
     this.f.tempBitmapsAdded = this.disks.some((d) => d.plan.tempBitmap !== undefined && temp.has(`${d.plan.node}/${d.plan.tempBitmap}`));
     this.f.txDone = this.f.txDone || this.disks.some((d) => d.jobStarted);
-    this.listener = c.listen(["JOB_STATUS_CHANGE"], (e) => this.disks.some((d) => d.plan.jobId === e.data.id));
-    c.onClose((info) => this.onDisconnect(info.message));
+    this.listen(c);
     this.log.warn({ state: this.stateValue }, "adopting the backup job after a restart");
     if (startedBegin || vanished !== undefined) {
       this.errorText = startedBegin ? "the daemon stopped while the backup was starting" : vanished;
@@ -373,6 +373,7 @@ export class BackupJob {
       return;
     }
     void this.watch();
+    void this.watchOthers();
     if (this.ctx.def.mode === "push") this.startProgressTimer();
     void this.persist();
   }
@@ -381,8 +382,7 @@ export class BackupJob {
 
   begin(): ResultAsync<JobInfo, BackupError> {
     const { client, def } = this.ctx;
-    this.listener = client.listen(["JOB_STATUS_CHANGE"], (e) => this.disks.some((d) => d.plan.jobId === e.data.id));
-    client.onClose((info) => this.onDisconnect(info.message));
+    this.listen(client);
     // the record goes to disk before each step acts, so a crash anywhere leaves a trail to clean up
     const steps = this.persist()
       .andThen(() => this.createFiles())
@@ -404,6 +404,7 @@ export class BackupJob {
         }
         for (const d of this.disks) d.state = "running";
         void this.watch();
+        void this.watchOthers();
         if (def.mode === "push") this.startProgressTimer();
         if (def.mode === "pull") {
           this.setState("inprogress", "started");
@@ -512,6 +513,37 @@ export class BackupJob {
 
   // ---------------------------------------------------------------- run
 
+  /** Register for our jobs' and exports' events before anything can cause them. */
+  private listen(c: QmpClient): void {
+    const mine = (id: string) => this.disks.some((d) => d.plan.jobId === id || d.plan.export?.id === id);
+    this.listener = c.listen(["JOB_STATUS_CHANGE"], (e) => mine(e.data.id));
+    this.others = c.listen(["BLOCK_EXPORT_DELETED", "BLOCK_JOB_ERROR"], (e) =>
+      mine(e.name === "BLOCK_JOB_ERROR" ? e.data.device : e.data.id),
+    );
+    c.onClose((info) => this.onDisconnect(info.message));
+  }
+
+  /** Export removals we did not ask for fail a pull; job I/O errors are logged (the job's conclusion decides). */
+  private async watchOthers(): Promise<void> {
+    const l = this.others!;
+    for (;;) {
+      const e = await l.next();
+      if (e === undefined || this.detached) return;
+      if (e.name === "BLOCK_JOB_ERROR") {
+        this.log.warn({ job: e.data.device, operation: e.data.operation, action: e.data.action }, "I/O error in a disk's backup job");
+        continue;
+      }
+      const d = this.disks.find((x) => x.plan.export?.id === e.data.id);
+      if (d === undefined || !d.exportAdded || this.finishing !== undefined) continue;
+      d.exportAdded = false;
+      d.state = "failed";
+      d.error = "its NBD export was removed behind the daemon's back";
+      this.errorText = `disk '${d.plan.disk}': ${d.error}`;
+      this.finishing = this.teardown("failed");
+      return;
+    }
+  }
+
   /** Progress events once a second while a push runs (from query-jobs). */
   private startProgressTimer(): void {
     const timer = setInterval(() => {
@@ -540,7 +572,8 @@ export class BackupJob {
     const l = this.listener!;
     for (;;) {
       const e = await l.next();
-      if (e === undefined || this.detached) return;
+      // once teardown runs, it owns the jobs (cancelled jobs conclude too)
+      if (e === undefined || this.detached || this.finishing !== undefined) return;
       if (e.data.status !== "concluded") continue;
       const d = this.disks.find((x) => x.plan.jobId === e.data.id);
       if (d === undefined || d.state !== "running") continue;
@@ -569,7 +602,7 @@ export class BackupJob {
     const dismissed = await this.ctx.client.execute("job-dismiss", { id: d.plan.jobId });
     if (dismissed.isOk()) d.jobDismissed = true;
     if (d.state === "failed") {
-      this.errorText = `disk '${d.plan.disk}': ${d.error}`;
+      this.errorText ??= `disk '${d.plan.disk}': ${d.error}`;
       this.log.error({ disk: d.plan.disk, error: d.error }, "disk backup job failed; failing the whole backup");
       this.finishing ??= this.teardown("failed");
       return;
@@ -583,6 +616,7 @@ export class BackupJob {
   detach(): void {
     this.detached = true;
     this.listener?.close();
+    this.others?.close();
   }
 
   private onDisconnect(reason: string): void {
@@ -659,6 +693,7 @@ export class BackupJob {
       }
     }
     this.listener?.close();
+    this.others?.close();
     // Scratch files always go; targets only when the backup did not succeed.
     const removeFiles = this.ctx.def.mode === "pull" || outcome !== "ready";
     if (removeFiles) for (const d of this.disks) if (d.fileCreated) await imageRemove(d.plan.file);
