@@ -368,6 +368,11 @@ export class BackupJob {
       const j = byId.get(d.plan.jobId);
       if (j?.status === "concluded" && d.state === "running") await this.onConcluded(d);
     }
+    // outcomes recorded before the crash whose teardown had not run yet
+    if (this.finishing === undefined && this.disks.some((d) => d.state === "failed")) this.finishing = this.teardown("failed");
+    if (this.finishing === undefined && this.ctx.def.mode === "push" && this.disks.every((d) => d.state === "complete")) {
+      this.finishing = this.teardown("ready");
+    }
     if (this.finishing !== undefined) {
       await this.finishing;
       return;
