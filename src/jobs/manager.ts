@@ -295,13 +295,13 @@ export class JobManager {
                 { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
               );
               if (aligned.isErr()) return errAsync<BackupJob, BackupError>(aligned.error);
-              return this.validate(domain, client, aligned.value, disks, opts).andThen(({ plans, checkpoints }) =>
+              return this.validate(domain, client, aligned.value, disks, opts).andThen((plans) =>
                 (cp === undefined
                   ? okAsync<PreparedCheckpoint | undefined, BackupError>(undefined)
                   : domain.checkpoints.prepare(cp, disks)
                 ).andThen((prepared) =>
                   this.serverPlan(domain, aligned.value).map((nbd) =>
-                    this.build(domain, client, id, aligned.value, plans, prepared, nbd, opts, checkpoints),
+                    this.build(domain, client, id, aligned.value, plans, prepared, nbd, opts),
                   ),
                 ),
               );
@@ -317,7 +317,7 @@ export class JobManager {
     def: BackupDef,
     disks: readonly DiskInfo[],
     opts: BeginOptions,
-  ): ResultAsync<{ plans: DiskPlan[]; checkpoints: Map<string, CheckpointDefFull> }, BackupError> {
+  ): ResultAsync<DiskPlan[], BackupError> {
     const selected = (def.disks ?? []).filter((d): d is BackupDiskDef => d.backup);
     for (const d of selected) {
       if (d.store?.extra.some((x) => x.name === "encryption"))
@@ -366,7 +366,7 @@ export class JobManager {
           if (typeof plan === "string") return errAsync<never, BackupError>({ code: "xml-invalid", message: plan });
           plans.push(plan);
         }
-        return okAsync({ plans, checkpoints });
+        return okAsync(plans);
       });
     });
   }
@@ -416,7 +416,6 @@ export class JobManager {
     checkpoint: PreparedCheckpoint | undefined,
     nbd: NbdServerPlan | undefined,
     opts: BeginOptions,
-    _checkpoints: Map<string, CheckpointDefFull>,
   ): BackupJob {
     // what backup-dumpxml shows: every default filled in (libvirt fills these at job start)
     const filled: BackupDef = {
