@@ -12,7 +12,7 @@ import { withFrozenGuest } from "../agent/quiesce.js";
 import { fromAgent } from "../checkpoints/errors.js";
 import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
 import { type BackupDef, type BackupDiskDef, backupDefAlign, backupDefParse } from "../conf/backup.js";
-import { type CheckpointDef, type CheckpointDefFull, checkpointDefParse } from "../conf/checkpoint.js";
+import { type CheckpointDef, checkpointDefParse } from "../conf/checkpoint.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
