@@ -1,5 +1,5 @@
 /** The daemon process: configured domains, SIGHUP reload, domains registered at run time survive a restart, SIGTERM. */
-import { writeFileSync } from "node:fs";
+import { statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { cli, startDaemon } from "./helpers/daemon.js";
@@ -34,4 +34,13 @@ t.test("config domains, reload, persistence, stop", async (t) => {
   await again.stop();
   const third = await startDaemon(t, { dir });
   t.same(await names(third.socket), [], "and its removal too");
+});
+
+t.test("the API socket's group comes from the configuration", async (t) => {
+  const dir = tempDir(t, "qbackupd-daemon-");
+  writeFileSync(join(dir, "config.json"), JSON.stringify({ socketGroup: "4242", socketMode: "0660" }));
+  const d = await startDaemon(t, { dir });
+  const st = statSync(d.socket);
+  t.equal(st.gid, 4242);
+  t.equal(st.mode & 0o777, 0o660);
 });

@@ -129,3 +129,26 @@ t.test("random API bodies: typed 4xx errors, the daemon keeps serving", async (t
   );
   t.match((await api.request("GET", "/v1/health")) as object, { status: 200 });
 });
+
+t.test("a job record that cannot be written stops the backup before QEMU is touched", async (t) => {
+  const d = await testDomain(t, "vm1", [{ size: "16M" }]);
+  const state = mkdtempSync(join(tmpdir(), "qbk-jobfull-"));
+  await execFileP("mount", ["-t", "tmpfs", "-o", "size=16k", "tmpfs", state]);
+  t.teardown(async () => {
+    await execFileP("umount", ["-l", state]).catch(() => {});
+    rmSync(state, { recursive: true, force: true });
+  });
+  try {
+    execFileSync("dd", ["if=/dev/zero", `of=${join(state, "filler")}`, "bs=4k", "count=10"], { stdio: "ignore" });
+  } catch {
+    // full, as intended
+  }
+  const { JobManager } = await import("../src/jobs/manager.js");
+  const jm = new JobManager({ logger: silentLogger, backupDir: d.backupDir, allowedDirs: [d.backupDir], stateDir: state });
+  const e = (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>j</name></domaincheckpoint>"))._unsafeUnwrapErr();
+  t.match(e, { code: "io", errno: "ENOSPC" });
+  const { leftovers } = await import("./helpers/domain.js");
+  t.same(await leftovers(d.client), [], "nothing added to QEMU");
+  t.same(readdirSync(join(d.backupDir, "vm1")), [], "no target created");
+  t.equal(d.checkpoints.store.get("j"), undefined);
+});
