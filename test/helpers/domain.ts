@@ -17,8 +17,15 @@ export interface TestDomain {
 }
 
 /** `backupRoot`: where the backups directory goes (the state directory always goes to a temp dir). */
-export async function testDomain(t: Teardown, name: string, disks: readonly DiskSpec[], backupRoot?: string): Promise<TestDomain> {
-  const vm = await startVm(t, { disks });
+export async function testDomain(
+  t: Teardown,
+  name: string,
+  disks: readonly DiskSpec[],
+  backupRoot?: string,
+  /** Existing images to attach instead of creating `disks`. */
+  images?: readonly string[],
+): Promise<TestDomain> {
+  const vm = await startVm(t, images ? { images } : { disks });
   const client = (await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
   t.teardown(() => client.close());
   const caps = (await probeCapabilities(client))._unsafeUnwrap();
