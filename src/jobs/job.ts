@@ -525,8 +525,11 @@ export class BackupJob {
     this.others = c.listen(["BLOCK_EXPORT_DELETED", "BLOCK_JOB_ERROR"], (e) =>
       mine(e.name === "BLOCK_JOB_ERROR" ? e.data.device : e.data.id),
     );
-    c.onClose((info) => this.onDisconnect(info.message));
+    this.offClose = c.onClose((info) => this.onDisconnect(info.message));
   }
+
+  /** Unregisters the close handler (a connection outlives many jobs). */
+  private offClose: () => void = () => {};
 
   /** Export removals we did not ask for fail a pull; job I/O errors are logged (the job's conclusion decides). */
   private async watchOthers(): Promise<void> {
@@ -699,6 +702,7 @@ export class BackupJob {
     }
     this.listener?.close();
     this.others?.close();
+    this.offClose();
     // Scratch files always go; targets only when the backup did not succeed.
     const removeFiles = this.ctx.def.mode === "pull" || outcome !== "ready";
     if (removeFiles) for (const d of this.disks) if (d.fileCreated) await imageRemove(d.plan.file);
