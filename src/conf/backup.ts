@@ -127,7 +127,7 @@ function parseServer(el: XmlElement): Result<BackupServer, ConfError> {
   }
 }
 
-function parseStore(el: XmlElement, mode: BackupMode, type: "file" | "block"): Result<BackupStore, ConfError> {
+function parseStore(el: XmlElement, type: "file" | "block"): Result<BackupStore, ConfError> {
   const where = `<${el.name}>`;
   const a = checkAllowed(el, ["encryption", "seclabel"], ["file", "dev"], where);
   if (a.isErr()) return err(a.error);
@@ -138,7 +138,6 @@ function parseStore(el: XmlElement, mode: BackupMode, type: "file" | "block"): R
   if (v === undefined) return ok({ extra: el.children });
   const p = checkPath(v, `${where} ${attr}`);
   if (p.isErr()) return err(p.error);
-  void mode;
   return ok({ [attr]: p.value, extra: el.children });
 }
 
@@ -200,7 +199,7 @@ function parseDisk(el: XmlElement, mode: BackupMode, internal: boolean): Result<
   if (storeEl.isErr()) return err(storeEl.error);
   let store: BackupStore | undefined;
   if (storeEl.value !== undefined) {
-    const s = parseStore(storeEl.value, mode, type);
+    const s = parseStore(storeEl.value, type);
     if (s.isErr()) return err(s.error);
     store = s.value;
   }

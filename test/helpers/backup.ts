@@ -3,7 +3,6 @@
  * job manager exists to do it (and as an independent oracle afterwards):
  * each follows ../shared/notes/qemu-recipes.md step by step.
  */
-import { join } from "node:path";
 import type { QmpClient, TransactionAction } from "../../src/qmp/index.js";
 import { createImage, execFileP } from "./qemu.js";
 
@@ -78,8 +77,4 @@ export async function allocatedRanges(image: string): Promise<[number, number][]
 /** Put an incremental on top of its full: qemu-img rebase -u. */
 export async function rebaseOnto(inc: string, base: string): Promise<void> {
   await execFileP("qemu-img", ["rebase", "-u", "-f", "qcow2", "-b", base, "-F", "qcow2", inc]);
-}
-
-export function targetPath(dir: string, name: string): string {
-  return join(dir, `${name}.qcow2`);
 }
