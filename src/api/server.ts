@@ -166,11 +166,15 @@ export function buildApi(deps: ApiDeps) {
     const bw = (body as Record<string, unknown>).bandwidth;
     if (bw !== undefined && (typeof bw !== "number" || !Number.isInteger(bw) || bw < 0))
       return sendError(reply, { code: "bad-request", message: "bandwidth must be a non-negative integer (bytes/s)" });
+    const durable = (body as Record<string, unknown>).durable;
+    if (durable !== undefined && typeof durable !== "boolean")
+      return sendError(reply, { code: "bad-request", message: "durable must be a boolean" });
     return send(
       reply,
       jobs.begin(d, str(body, "backupXml"), str(body, "checkpointXml"), {
         reuseExternal: bool(body, "reuseExternal"),
         quiesce: bool(body, "quiesce"),
+        ...(durable === false ? { durable: false } : {}),
         ...(typeof bw === "number" ? { bandwidth: bw } : {}),
       }),
       201,

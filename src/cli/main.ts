@@ -203,12 +203,13 @@ export function buildCli(setExit: (code: number) => void): Command {
     .option("--reuse-external", "use target files the caller created")
     .option("--quiesce", "freeze guest filesystems through the guest agent")
     .option("--bandwidth <bytes>", "per-disk limit in bytes/s", (v) => Number(v))
+    .option("--no-durable", "push: report ready once copied, without waiting for the targets to reach the disk")
     .action(
       async (
         domain: string,
         bx: string | undefined,
         cx: string | undefined,
-        o: { reuseExternal?: boolean; quiesce?: boolean; bandwidth?: number },
+        o: { reuseExternal?: boolean; quiesce?: boolean; bandwidth?: number; durable?: boolean },
       ) => {
         const c = ctx();
         const body = {
@@ -216,6 +217,7 @@ export function buildCli(setExit: (code: number) => void): Command {
           ...(cx !== undefined ? { checkpointXml: readXml(cx) } : {}),
           reuseExternal: o.reuseExternal === true,
           quiesce: o.quiesce === true,
+          ...(o.durable === false ? { durable: false } : {}),
           ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
         };
         const r = await call(c, "POST", `/v1/domains/${enc(domain)}/backup`, body);

@@ -26,6 +26,7 @@ import type { BackupError } from "./errors.js";
 import { imageCreate, imageRemove } from "./images.js";
 import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
 import type { JobRecord, JobStore } from "./record.js";
+import type { WritebackPump } from "./writeback.js";
 
 export type JobState = "begin" | "inprogress" | "ready" | "failed" | "cancelled";
 export type DiskJobState = "begin" | "running" | "complete" | "failed" | "cancelled";
@@ -86,6 +87,8 @@ export interface JobContext {
   readonly store?: JobStore | undefined;
   /** The QMP connection dropped but QEMU still runs: the manager forgets this instance and adopts the job again at reconnect. */
   readonly onDetached?: ((job: BackupJob) => void) | undefined;
+  /** Writes push targets out while they are copied, and at the end. */
+  readonly writeback: WritebackPump;
 }
 
 /** Does anything still listen at QEMU's QMP address? (A dead QEMU leaves ECONNREFUSED/ENOENT.) */
@@ -154,6 +157,8 @@ export class BackupJob {
   /** Set when the daemon shuts down: QEMU keeps running the job; nothing is torn down. */
   private detached = false;
   private readonly log: Logger;
+  /** Stops the background writeback of each target; each tells the first write error it saw. */
+  private writebackStops: (() => Promise<string | undefined>)[] = [];
 
   constructor(private readonly ctx: JobContext) {
     this.log = ctx.logger.child({ domain: ctx.domain, job: ctx.id });
@@ -379,7 +384,7 @@ export class BackupJob {
     }
     void this.watch();
     void this.watchOthers();
-    if (this.ctx.def.mode === "push") this.startProgressTimer();
+    if (this.ctx.def.mode === "push") this.startCopying();
     void this.persist();
   }
 
@@ -410,7 +415,7 @@ export class BackupJob {
         for (const d of this.disks) d.state = "running";
         void this.watch();
         void this.watchOthers();
-        if (def.mode === "push") this.startProgressTimer();
+        if (def.mode === "push") this.startCopying();
         if (def.mode === "pull") {
           this.setState("inprogress", "started");
           this.setState("ready", "ready");
@@ -552,6 +557,13 @@ export class BackupJob {
     }
   }
 
+  /** A push runs: progress events, and its targets written out as they fill. */
+  private startCopying(): void {
+    this.startProgressTimer();
+    const pump = this.ctx.writeback;
+    if (this.ctx.planOpts.nonDurable !== true) this.writebackStops = this.disks.map((d) => pump.add(d.plan.file));
+  }
+
   /** Progress events once a second while a push runs (from query-jobs). */
   private startProgressTimer(): void {
     const timer = setInterval(() => {
@@ -623,6 +635,7 @@ export class BackupJob {
   /** The daemon is stopping: leave QEMU's jobs, nodes and exports as they are (the next start adopts or cleans them). */
   detach(): void {
     this.detached = true;
+    for (const stop of this.writebackStops.splice(0)) void stop();
     this.listener?.close();
     this.others?.close();
   }
@@ -674,15 +687,20 @@ export class BackupJob {
    * Undo what the flags say happened, in reverse order. Best effort: each
    * step runs even when an earlier one failed, and failures are logged.
    */
-  private async teardown(outcome: "ready" | "failed" | "cancelled"): Promise<void> {
+  private async teardown(requested: "ready" | "failed" | "cancelled"): Promise<void> {
+    let outcome = requested;
     const c = this.ctx.client;
-    const step = async (what: string, r: ResultAsync<unknown, unknown>): Promise<void> => {
+    const step = async (what: string, r: ResultAsync<unknown, unknown>): Promise<string | undefined> => {
       const x = await r;
-      if (x.isErr()) {
-        const e = x.error as { code?: string; desc?: string; message?: string };
-        this.log.warn({ step: what, error: e.desc ?? e.message ?? e.code }, "teardown step failed");
-      }
+      if (x.isOk()) return undefined;
+      const e = x.error as { code?: string; desc?: string; message?: string };
+      const text = e.desc ?? e.message ?? e.code;
+      this.log.warn({ step: what, error: text }, "teardown step failed");
+      return text;
     };
+    const pushReady = outcome === "ready" && this.ctx.def.mode === "push";
+    const durable = pushReady && this.ctx.planOpts.nonDurable !== true;
+    const writebackErrors = await Promise.all(this.writebackStops.splice(0).map((stop) => stop()));
     const connected = c.runstate === "running";
     if (connected) {
       for (const d of this.disks)
@@ -690,8 +708,13 @@ export class BackupJob {
       if (this.f.nbdStarted) await step("nbd-server-stop", c.execute("nbd-server-stop"));
       if (this.f.tlsAdded) await step("object-del", c.execute("object-del", { id: this.ctx.nbd!.tlsCreds!.id }));
       await this.cancelJobs();
-      for (const d of this.disks)
-        if (d.nodeAdded) await step("blockdev-del", c.execute("blockdev-del", { "node-name": d.plan.targetNode }));
+      for (const d of this.disks) {
+        if (!d.nodeAdded) continue;
+        // closing a target writes its qcow2 metadata out: until then the copy is not whole
+        const error = await step("blockdev-del", c.execute("blockdev-del", { "node-name": d.plan.targetNode }));
+        if (error === undefined) d.nodeAdded = false;
+        else if (pushReady) this.errorText ??= `disk '${d.plan.disk}': cannot close the target: ${error}`;
+      }
       if (this.f.tempBitmapsAdded) {
         for (const d of this.disks) {
           if (d.plan.tempBitmap !== undefined && d.plan.incremental !== undefined) {
@@ -703,6 +726,18 @@ export class BackupJob {
     this.listener?.close();
     this.others?.close();
     this.offClose();
+    if (durable) {
+      // Ready means on disk: the targets are written out (and their directory entries) before anyone is told.
+      const i = writebackErrors.findIndex((e) => e !== undefined);
+      if (i >= 0)
+        this.errorText ??= `disk '${this.disks[i]!.plan.disk}': writing ${this.disks[i]!.plan.file} out failed: ${writebackErrors[i]}`;
+      if (this.errorText === undefined) this.errorText = await this.ctx.writeback.syncFiles(this.disks.map((d) => d.plan.file));
+      if (this.errorText !== undefined) {
+        outcome = "failed";
+        for (const d of this.disks) d.state = "failed";
+        this.log.error({ error: this.errorText }, "the backup copy is complete but cannot be made durable");
+      }
+    }
     // Scratch files always go; targets only when the backup did not succeed.
     const removeFiles = this.ctx.def.mode === "pull" || outcome !== "ready";
     if (removeFiles) for (const d of this.disks) if (d.fileCreated) await imageRemove(d.plan.file);

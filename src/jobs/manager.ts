@@ -23,6 +23,7 @@ import { checkBackupPath } from "./paths.js";
 import { type DiskPlan, type PlanOptions, planDisk } from "./plan.js";
 import { freeTcpPort } from "./ports.js";
 import { JobStore } from "./record.js";
+import { WritebackPump } from "./writeback.js";
 
 /** What the job manager needs of a domain. */
 export interface BackupDomain {
@@ -47,6 +48,8 @@ export interface JobManagerOptions {
   readonly allowPlainTcp?: boolean;
   /** Where job records live (<stateDir>/jobs); without it jobs are not persisted. */
   readonly stateDir?: string | undefined;
+  /** Writes push targets out (tests pass one with injected failures). */
+  readonly writeback?: WritebackPump | undefined;
 }
 
 export interface BeginOptions {
@@ -56,6 +59,22 @@ export interface BeginOptions {
   readonly quiesce?: boolean;
   /** Bytes per second per disk. */
   readonly bandwidth?: number;
+  /**
+   * Push: false reports ready as soon as the copy is complete, leaving the
+   * targets to the kernel's writeback (a host crash soon after can lose them).
+   * For targets read and shipped elsewhere at once. Default true.
+   */
+  readonly durable?: boolean;
+}
+
+function planOptions(mode: BackupDef["mode"], domain: BackupDomain, opts: BeginOptions): PlanOptions {
+  return {
+    mode,
+    reuse: opts.reuseExternal === true,
+    bandwidth: opts.bandwidth,
+    backupPerf: domain.backupPerf,
+    ...(opts.durable === false ? { nonDurable: true } : {}),
+  };
 }
 
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "::1", "ip6-localhost"]);
@@ -69,9 +88,12 @@ export class JobManager {
   private readonly log: Logger;
 
   private readonly store: JobStore | undefined;
+  /** One for all jobs: it bounds how many fdatasync calls occupy the thread pool. */
+  private readonly writeback: WritebackPump;
 
   constructor(private readonly opts: JobManagerOptions) {
     this.log = opts.logger;
+    this.writeback = opts.writeback ?? new WritebackPump();
     this.store = opts.stateDir === undefined ? undefined : new JobStore(join(opts.stateDir, "jobs"));
   }
 
@@ -117,6 +139,7 @@ export class JobManager {
       runTransaction: (tx) => tx(),
       store: this.store,
       onDetached: (j) => this.forget(j),
+      writeback: this.writeback,
     });
     job.restoreFrom(r);
     this.active.set(domain.name, job);
@@ -330,12 +353,7 @@ export class JobManager {
     // every checkpoint an incremental starts from is checked against QEMU now
     const cpNames = [...new Set(selected.map((d) => d.incremental).filter((x): x is string => x !== undefined))];
     const checks = cpNames.map((n) => domain.checkpoints.requireValid(client, n));
-    const planOpts: PlanOptions = {
-      mode: def.mode,
-      reuse: opts.reuseExternal === true,
-      bandwidth: opts.bandwidth,
-      backupPerf: domain.backupPerf,
-    };
+    const planOpts = planOptions(def.mode, domain, opts);
     return ResultAsync.combine(checks).andThen((cps) => {
       const checkpoints = new Map(cps.map((c) => [c.name, c]));
       const pathChecks = selected.map((d) =>
@@ -441,12 +459,7 @@ export class JobManager {
         };
       }),
     };
-    const planOpts: PlanOptions = {
-      mode: def.mode,
-      reuse: opts.reuseExternal === true,
-      bandwidth: opts.bandwidth,
-      backupPerf: domain.backupPerf,
-    };
+    const planOpts = planOptions(def.mode, domain, opts);
     const log = this.log;
     return new BackupJob({
       id,
@@ -462,6 +475,7 @@ export class JobManager {
       emit: (e) => this.emit(e),
       store: this.store,
       onDetached: (j) => this.forget(j),
+      writeback: this.writeback,
       runTransaction: (tx) =>
         opts.quiesce
           ? withFrozenGuest(domain.agentPath, log, tx).mapErr(

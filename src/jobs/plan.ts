@@ -41,6 +41,8 @@ export interface PlanOptions {
   readonly bandwidth?: number | undefined;
   /** blockdev-backup x-perf is available. */
   readonly backupPerf: boolean;
+  /** Push: report ready without writing the targets out to disk first (absent in records of older versions: durable). */
+  readonly nonDurable?: boolean | undefined;
 }
 
 /** QEMU node names are limited to 31 characters, so ours are indexed rather than named after the disk. */
@@ -99,11 +101,19 @@ export function planDisk(
   };
 }
 
-/** blockdev-add of the target (push) or scratch (pull, backed by the source node). */
+/**
+ * blockdev-add of the target (push) or scratch (pull, backed by the source node).
+ * Neither is flushed by QEMU (no-flush): a scratch image is thrown away, and a
+ * push target is written out by the daemon itself (see writeback.ts), off the
+ * copy's critical path.
+ */
 export function targetBlockdev(p: DiskPlan, mode: BackupDef["mode"]): BlockdevOptions {
-  const file = { driver: "file" as const, filename: p.file };
-  if (mode === "pull") return { driver: "qcow2", "node-name": p.targetNode, file, backing: p.node, discard: "unmap" };
-  return p.format === "raw" ? { driver: "raw", "node-name": p.targetNode, file } : { driver: "qcow2", "node-name": p.targetNode, file };
+  const cache = { "no-flush": true };
+  const file = { driver: "file" as const, filename: p.file, cache };
+  if (mode === "pull") return { driver: "qcow2", "node-name": p.targetNode, file, backing: p.node, discard: "unmap", cache };
+  return p.format === "raw"
+    ? { driver: "raw", "node-name": p.targetNode, file, cache }
+    : { driver: "qcow2", "node-name": p.targetNode, file, cache };
 }
 
 /** One transaction: checkpoint bitmaps, temporary bitmaps with their merges, every disk's job. */

@@ -179,8 +179,9 @@ export type BlockdevOptions =
       backing?: BlockdevRef | null;
       "read-only"?: boolean;
       discard?: "ignore" | "unmap";
+      cache?: { direct?: boolean; "no-flush"?: boolean };
     }
-  | { driver: "raw"; "node-name"?: string; file: BlockdevRef; "read-only"?: boolean };
+  | { driver: "raw"; "node-name"?: string; file: BlockdevRef; "read-only"?: boolean; cache?: { direct?: boolean; "no-flush"?: boolean } };
 
 export type SocketAddressLegacy = { type: "unix"; data: { path: string } } | { type: "inet"; data: { host: string; port: string } };
 

@@ -5,6 +5,7 @@ import { CheckpointManager } from "../../src/checkpoints/manager.js";
 import { CheckpointStore } from "../../src/checkpoints/store.js";
 import type { BackupDomain } from "../../src/jobs/manager.js";
 import { JobManager } from "../../src/jobs/manager.js";
+import type { WritebackPump } from "../../src/jobs/writeback.js";
 import { probeCapabilities, QmpClient } from "../../src/qmp/index.js";
 import { type DiskSpec, type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./qemu.js";
 
@@ -37,8 +38,17 @@ export async function testDomain(
   return { vm, client, checkpoints, backupDir, domain: { name, client: () => client, checkpoints, backupPerf: caps.backupPerf } };
 }
 
-export function jobManager(backupDir: string, extra: { allowedDirs?: string[]; tlsDir?: string } = {}): JobManager {
-  return new JobManager({ logger: silentLogger, backupDir, allowedDirs: extra.allowedDirs ?? [backupDir], tlsDir: extra.tlsDir });
+export function jobManager(
+  backupDir: string,
+  extra: { allowedDirs?: string[]; tlsDir?: string; writeback?: WritebackPump } = {},
+): JobManager {
+  return new JobManager({
+    logger: silentLogger,
+    backupDir,
+    allowedDirs: extra.allowedDirs ?? [backupDir],
+    tlsDir: extra.tlsDir,
+    writeback: extra.writeback,
+  });
 }
 
 /** Everything qbackupd might leave in QEMU: our nodes, jobs, exports, temporary bitmaps. */
