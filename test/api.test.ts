@@ -86,6 +86,10 @@ t.test("limits, errors and permissions", async (t) => {
   const added = await req(api, "POST", "/v1/domains", { name: "ghost", qmp: "/nonexistent/qmp.sock" });
   t.equal(added.status, 201, "a domain whose QEMU is not running yet can be registered");
   t.match((await req(api, "POST", "/v1/domains/ghost/backup", {})).body, { code: "not-connected" });
+  t.match((await req(api, "POST", "/v1/domains/ghost/backup", { durable: "no" })).body, {
+    code: "bad-request",
+    message: "durable must be a boolean",
+  });
   t.equal((await req(api, "POST", "/v1/domains", { name: "ghost", qmp: "/x" })).status, 409);
   t.match((await req(api, "GET", "/v1/health")).body, { status: "ok" });
   // a stuck client (half a request, never finished) does not block others

@@ -3,7 +3,7 @@
  * daemon, and `qbackup` verbs: domain-add, checkpoint, full push, incremental
  * push, pull, abort, checkpoint delete — with byte-exact checks.
  */
-import { readdirSync, writeFileSync } from "node:fs";
+import { readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges, handBackups, rebaseOnto } from "./helpers/backup.js";
@@ -106,6 +106,12 @@ t.test("domain-add, checkpoint, full push, incremental push, pull, abort, checkp
   t.equal(JSON.parse(ab.stdout).state, "cancelled");
   t.equal((await q("wait", "vm1")).code, 1, "wait reports the cancelled backup: exit 1");
   t.same(await leftovers(vm.monitor), []);
+
+  // a push that is ready once copied, not yet written out
+  t.equal(JSON.parse((await ok("--json", "backup-begin", "vm1", "--no-durable")).stdout).durable, false);
+  const nd = JSON.parse((await ok("--json", "wait", "vm1")).stdout);
+  t.match(nd, { state: "ready", durable: false });
+  for (const dk of nd.disks as { file: string }[]) rmSync(dk.file);
 
   // checkpoint delete
   await ok("checkpoint-delete", "vm1", "c1");

@@ -60,6 +60,8 @@ export interface JobInfo {
   readonly rate: number;
   readonly error: string | undefined;
   readonly nbd: string | undefined;
+  /** Push: ready means written out to disk (false: ready once copied). */
+  readonly durable: boolean | undefined;
   readonly disks: readonly DiskProgress[];
 }
 
@@ -215,6 +217,7 @@ export class BackupJob {
       rate: elapsedMs > 0 ? Math.round((bytesDone * 1000) / elapsedMs) : 0,
       error: this.errorText,
       nbd: this.ctx.nbd?.uri,
+      durable: this.ctx.def.mode === "push" ? this.ctx.planOpts.nonDurable !== true : undefined,
       disks: this.disks.map((d) => ({
         name: d.plan.disk,
         state: d.state,
