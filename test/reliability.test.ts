@@ -8,31 +8,13 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { ApiClient } from "../src/cli/client.js";
-import { cli, type RunningDaemon, startDaemon } from "./helpers/daemon.js";
+import { cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
 import { leftovers } from "./helpers/domain.js";
 import { startFakeQmp } from "./helpers/fake-qmp.js";
 import { rangeHolds, startVm, tempDir } from "./helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-async function until(what: string, fn: () => Promise<boolean>, ms = 10_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-async function connected(d: RunningDaemon, name: string): Promise<void> {
-  await until(`${name} connected`, async () => {
-    const r = await cli(d.socket, ["--json", "domain-list"]);
-    return (
-      r.code === 0 && (JSON.parse(r.stdout) as { name: string; state: string }[]).some((x) => x.name === name && x.state === "connected")
-    );
-  });
-}
 
 async function info(d: RunningDaemon, domain: string, completed = false) {
   const r = await cli(d.socket, ["--json", "domjobinfo", domain, ...(completed ? ["--completed"] : [])]);

@@ -22,6 +22,7 @@ import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { EventListener } from "../qmp/events.js";
 import type { QmpAddress } from "../qmp/protocol.js";
+import { crashPoint } from "../util/crash-point.js";
 import type { BackupError } from "./errors.js";
 import { imageCreate, imageRemove } from "./images.js";
 import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
@@ -297,17 +298,25 @@ export class BackupJob {
 
   private persistChain: Promise<unknown> = Promise.resolve();
 
-  /** Write the job record (in order; each write atomic). Fails only when the record cannot be made durable. */
-  private persist(): ResultAsync<void, BackupError> {
+  /**
+   * Write the job record (in order; each write atomic). Fails only when the
+   * record cannot be made durable. `crashAfter` names the crash point reached
+   * once it is written.
+   */
+  private persist(crashAfter?: string): ResultAsync<void, BackupError> {
     const store = this.ctx.store;
     if (store === undefined || this.detached) return okAsync(undefined);
     const rec = this.record();
     const p = this.persistChain.then(() => store.save(rec));
     this.persistChain = p;
-    return new ResultAsync(p).mapErr((e): BackupError => {
-      this.log.error({ error: e.message }, "cannot persist the job record");
-      return e;
-    });
+    return new ResultAsync(p)
+      .map(() => {
+        if (crashAfter !== undefined) crashPoint(crashAfter);
+      })
+      .mapErr((e): BackupError => {
+        this.log.error({ error: e.message }, "cannot persist the job record");
+        return e;
+      });
   }
 
   /** Restore runtime flags from a record (adoption after a daemon restart). */
@@ -397,15 +406,16 @@ export class BackupJob {
     const { client, def } = this.ctx;
     this.listen(client);
     // the record goes to disk before each step acts, so a crash anywhere leaves a trail to clean up
-    const steps = this.persist()
+    // (the names are crash points for the tests: record written, step not yet taken)
+    const steps = this.persist("begin:files")
       .andThen(() => this.createFiles())
-      .andThen(() => this.persist())
+      .andThen(() => this.persist("begin:nodes"))
       .andThen(() => this.addNodes())
-      .andThen(() => this.persist())
+      .andThen(() => this.persist("begin:transaction"))
       .andThen(() => this.ctx.runTransaction(() => this.transaction()))
-      .andThen(() => this.persist())
+      .andThen(() => this.persist("begin:checkpoint"))
       .andThen(() => this.commitCheckpoint())
-      .andThen(() => this.persist())
+      .andThen(() => this.persist("begin:exports"))
       .andThen(() => (def.mode === "pull" ? this.startExports() : okAsync(undefined)));
     return new ResultAsync(
       (async () => {
@@ -621,7 +631,7 @@ export class BackupJob {
       d.bytesTotal = j["total-progress"];
     }
     // record the outcome before dismissing: once dismissed, QEMU no longer knows it
-    await this.persist();
+    await this.persist("concluded:dismiss");
     const dismissed = await this.ctx.client.execute("job-dismiss", { id: d.plan.jobId });
     if (dismissed.isOk()) d.jobDismissed = true;
     if (d.state === "failed") {
@@ -734,6 +744,7 @@ export class BackupJob {
       const i = writebackErrors.findIndex((e) => e !== undefined);
       if (i >= 0)
         this.errorText ??= `disk '${this.disks[i]!.plan.disk}': writing ${this.disks[i]!.plan.file} out failed: ${writebackErrors[i]}`;
+      crashPoint("ready:sync");
       if (this.errorText === undefined) this.errorText = await this.ctx.writeback.syncFiles(this.disks.map((d) => d.plan.file));
       if (this.errorText !== undefined) {
         outcome = "failed";
@@ -764,6 +775,7 @@ export class BackupJob {
     if (this.ctx.store !== undefined && !this.detached) {
       await this.persistChain.catch(() => {});
       const store = this.ctx.store;
+      crashPoint(`${outcome}:record`);
       await store.saveCompleted({ ...this.info(), active: false, state: outcome });
       await store.remove(this.ctx.domain);
     }

@@ -17,7 +17,10 @@ export interface RunningDaemon {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-export async function startDaemon(t: Teardown, opts: { args?: string[]; dir?: string } = {}): Promise<RunningDaemon> {
+export async function startDaemon(
+  t: Teardown,
+  opts: { args?: string[]; dir?: string; env?: Record<string, string> } = {},
+): Promise<RunningDaemon> {
   const dir = opts.dir ?? tempDir(t, "qbackupd-daemon-");
   const socket = join(dir, "api.sock");
   const stateDir = join(dir, "state");
@@ -28,7 +31,7 @@ export async function startDaemon(t: Teardown, opts: { args?: string[]; dir?: st
     join(ROOT, "bin", "qbackupd"),
     ["--socket", socket, "--state-dir", stateDir, "--config", config, ...(opts.args ?? [])],
     {
-      env: ENV,
+      env: { ...ENV, ...opts.env },
       stdio: ["ignore", "pipe", "pipe"],
     },
   );
@@ -76,5 +79,25 @@ export function cli(socket: string, args: string[]): Promise<CliResult> {
     execFile(join(ROOT, "bin", "qbackup"), args, { env: { ...ENV, QBACKUP_SOCKET: socket } }, (err, stdout, stderr) => {
       resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
     });
+  });
+}
+
+/** Poll `fn` every 50 ms until it holds; throw after `ms`. */
+export async function until(what: string, fn: () => Promise<boolean>, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (await fn()) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/** Until the daemon lists the domain as connected. */
+export async function connected(d: RunningDaemon, name: string): Promise<void> {
+  await until(`${name} connected`, async () => {
+    const r = await cli(d.socket, ["--json", "domain-list"]);
+    return (
+      r.code === 0 && (JSON.parse(r.stdout) as { name: string; state: string }[]).some((x) => x.name === name && x.state === "connected")
+    );
   });
 }
