@@ -19,8 +19,7 @@ COPY src ./src
 RUN npm run build && npm prune --omit=dev
 
 FROM node:20-bookworm-slim
-# qemu-img creates target and scratch images
-RUN apt-get update && apt-get install -y --no-install-recommends qemu-utils && rm -rf /var/lib/apt/lists/*
+# Nothing from QEMU is needed in here: QEMU formats target and scratch images itself (blockdev-create).
 WORKDIR /opt/qbackupd
 COPY --from=build /src/package.json ./
 COPY --from=build /src/node_modules ./node_modules

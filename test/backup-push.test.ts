@@ -210,3 +210,46 @@ t.test("quiesce: the guest is frozen around the backup's transaction and thawed 
   t.same(await leftovers(d.client), []);
   t.same(readdirSync(join(d.backupDir, "vm1")).length, 2, "only the first backup's targets remain");
 });
+
+t.test("raw targets: formatted by QEMU (blockdev-create), 0600, byte-exact; qcow2 ones get the source's cluster size", async (t) => {
+  const d = await testDomain(t, "vm1", [{ size: "16M" }, { size: "16M", clusterSize: 131072 }]);
+  const jm = jobManager(d.backupDir);
+  await d.vm.write(0, 0x71, 3 * MiB, 2 * MiB);
+  await d.vm.write(1, 0x72, 0, MiB);
+  const xml = `<domainbackup><disks>
+    <disk name='vda'><driver type='raw'/></disk>
+    <disk name='vdb'/>
+  </disks></domainbackup>`;
+  (await jm.begin(d.domain, xml, undefined))._unsafeUnwrap();
+  const done = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  t.equal(done.state, "ready", done.error ?? "");
+  const [ra, qb] = done.disks.map((x) => x.file);
+  const infoA = JSON.parse((await execFileP("qemu-img", ["info", "--output=json", ra!])).stdout) as {
+    format: string;
+    "virtual-size": number;
+  };
+  t.match(infoA, { format: "raw", "virtual-size": 16 * MiB });
+  const infoB = JSON.parse((await execFileP("qemu-img", ["info", "--output=json", qb!])).stdout) as {
+    format: string;
+    "cluster-size": number;
+  };
+  t.match(infoB, { format: "qcow2", "cluster-size": 131072 }, "the source's cluster size");
+  const { stat } = await import("node:fs/promises");
+  for (const f of [ra!, qb!]) t.equal((await stat(f)).mode & 0o777, 0o600, `${f} is 0600`);
+  t.ok(await rangeHolds(ra!, "raw", 0x71, 3 * MiB, 2 * MiB));
+  t.ok(await rangeHolds(ra!, "raw", 0, 0, 3 * MiB));
+  t.ok(await rangeHolds(qb!, "qcow2", 0x72, 0, MiB));
+  t.same(await leftovers(d.client), [], "no create job or node left");
+});
+
+t.test("an image QEMU cannot format: clear error, the file removed, nothing left in QEMU", async (t) => {
+  const d = await testDomain(t, "vm1", DISKS);
+  const { imageCreate } = await import("../src/jobs/images.js");
+  const path = join(d.backupDir, "bad.qcow2");
+  const r = await imageCreate(d.client, { path, format: "qcow2", size: 16 * MiB, clusterSize: 1000, jobId: "qbk-c9" });
+  t.match(r._unsafeUnwrapErr(), { code: "image", message: new RegExp(`cannot create ${path}: .*[Cc]luster size`) });
+  t.notOk(existsSync(path), "file removed");
+  t.same(await leftovers(d.client), []);
+  const taken = await imageCreate(d.client, { path: d.vm.disks[0]!.path, format: "qcow2", size: 16 * MiB, jobId: "qbk-c9" });
+  t.match(taken._unsafeUnwrapErr(), { code: "image", message: /EEXIST/ }, "an existing file is never formatted over");
+});

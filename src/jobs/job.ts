@@ -444,7 +444,13 @@ export class BackupJob {
     const todo = this.disks.filter((d) => d.plan.createFile);
     return ResultAsync.combine(
       todo.map((d) =>
-        imageCreate({ path: d.plan.file, format: d.plan.format, size: d.plan.virtualSize, clusterSize: d.plan.clusterSize }).map(() => {
+        imageCreate(this.ctx.client, {
+          path: d.plan.file,
+          format: d.plan.format,
+          size: d.plan.virtualSize,
+          clusterSize: d.plan.clusterSize,
+          jobId: d.plan.createJobId,
+        }).map(() => {
           d.fileCreated = true;
         }),
       ),

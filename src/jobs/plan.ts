@@ -16,6 +16,8 @@ export interface DiskPlan {
   readonly node: string;
   /** QEMU job id (also the device name in BLOCK_JOB_* events). */
   readonly jobId: string;
+  /** Id of the blockdev-create job that formats the image (only while begin runs; absent in older records). */
+  readonly createJobId: string;
   /** Node of the target (push) or scratch (pull) image. */
   readonly targetNode: string;
   readonly file: string;
@@ -46,8 +48,9 @@ export interface PlanOptions {
 }
 
 /** QEMU node names are limited to 31 characters, so ours are indexed rather than named after the disk. */
-export function ownNames(i: number): { jobId: string; targetNode: string; exportId: string } {
-  return { jobId: `${OWN_NODE_PREFIX}j${i}`, targetNode: `${OWN_NODE_PREFIX}t${i}`, exportId: `${OWN_NODE_PREFIX}e${i}` };
+export function ownNames(i: number): { jobId: string; createJobId: string; targetNode: string; exportId: string } {
+  const p = OWN_NODE_PREFIX;
+  return { jobId: `${p}j${i}`, createJobId: `${p}c${i}`, targetNode: `${p}t${i}`, exportId: `${p}e${i}` };
 }
 
 /** libvirt's name for the temporary / exported bitmap. */
@@ -88,6 +91,7 @@ export function planDisk(
     disk: d.name,
     node: source.nodeName,
     jobId: names.jobId,
+    createJobId: names.createJobId,
     targetNode: names.targetNode,
     file,
     format,

@@ -183,6 +183,11 @@ export type BlockdevOptions =
     }
   | { driver: "raw"; "node-name"?: string; file: BlockdevRef; "read-only"?: boolean; cache?: { direct?: boolean; "no-flush"?: boolean } };
 
+/** BlockdevCreateOptions for the images we make: a qcow2 on a file, or a raw file (file-posix create sizes it). */
+export type BlockdevCreateOptions =
+  | { driver: "qcow2"; file: BlockdevRef; size: number; "cluster-size"?: number }
+  | { driver: "file"; filename: string; size: number };
+
 export type SocketAddressLegacy = { type: "unix"; data: { path: string } } | { type: "inet"; data: { host: string; port: string } };
 
 export interface NbdServerStart {
@@ -233,6 +238,7 @@ export interface QmpCommandMap {
   "query-named-block-nodes": { args: NoArgs | { flat?: boolean }; ret: BlockDeviceInfo[] };
   "blockdev-add": { args: BlockdevOptions; ret: Record<string, never> };
   "blockdev-del": { args: { "node-name": string }; ret: Record<string, never> };
+  "blockdev-create": { args: { "job-id": string; options: BlockdevCreateOptions }; ret: Record<string, never> };
   "block-dirty-bitmap-add": { args: BlockDirtyBitmapAdd; ret: Record<string, never> };
   "block-dirty-bitmap-remove": { args: BlockDirtyBitmap; ret: Record<string, never> };
   "block-dirty-bitmap-clear": { args: BlockDirtyBitmap; ret: Record<string, never> };
