@@ -2,6 +2,7 @@
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { ApiClient } from "../../src/cli/client.js";
 import { type Teardown, tempDir } from "./qemu.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
@@ -54,6 +55,14 @@ export async function startDaemon(
     await new Promise((r) => setTimeout(r, 25));
   }
   if (!existsSync(socket)) throw new Error(`qbackupd did not listen: ${out}`);
+  // the socket file appears at bind(); the daemon is ready once it answers (and has set the socket's mode and group)
+  const api = new ApiClient(socket);
+  for (let i = 0; ; i++) {
+    const r = await api.request("GET", "/v1/health");
+    if ("status" in r && r.status === 200) break;
+    if (i >= 200 || proc.exitCode !== null) throw new Error(`qbackupd did not answer: ${out}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
   return {
     socket,
     stateDir,
