@@ -43,7 +43,7 @@ const eio = (): NodeJS.ErrnoException => Object.assign(new Error("EIO: i/o error
 t.test("every added file is synced again and again, at most `concurrency` at once, never faster than the interval", async (t) => {
   const paths = files(t, 5);
   const r = recorder(5);
-  const pump = new WritebackPump({ datasync: r.datasync, concurrency: 2, minIntervalMs: 40 });
+  const pump = new WritebackPump({ datasync: r.datasync, concurrency: 2, minIntervalMs: 40, quickMs: 0 });
   const stops = paths.map((p) => pump.add(p));
   await sleep(400);
   const errors = await Promise.all(stops.map((s) => s()));
@@ -65,6 +65,40 @@ t.test("every added file is synced again and again, at most `concurrency` at onc
   const n = r.calls.length;
   await sleep(150);
   t.equal(r.calls.length, n, "nothing is synced once every file is stopped");
+});
+
+t.test("a file with little to write is synced less and less often; one with much, at the shortest interval", async (t) => {
+  const [idle, busy] = files(t, 2);
+  // a sync that finds little dirty data returns at once; one with much takes a while
+  const r = recorder(0);
+  const slow: DataSync = async (fh, path, phase) => {
+    await r.datasync(fh, path, phase);
+    if (path === busy) await sleep(30);
+  };
+  const pump = new WritebackPump({ datasync: slow, minIntervalMs: 20, maxIntervalMs: 320, quickMs: 15 });
+  const stops = [pump.add(idle!), pump.add(busy!)];
+  await sleep(1000);
+  await Promise.all(stops.map((s) => s()));
+  const gaps = (p: string) => {
+    const at = r.calls.filter((c) => c.path === p).map((c) => c.at);
+    return at.slice(1).map((x, i) => x - at[i]!);
+  };
+  const gi = gaps(idle!);
+  t.ok(gi.length >= 3 && gi.length <= 6, `idle file: ${gi.length + 1} syncs, gaps ${gi.join(",")}`);
+  t.ok(
+    gi.every((g, i) => i === 0 || g >= gi[i - 1]! - 5),
+    "the gaps grow",
+  );
+  t.ok(
+    gi.every((g) => g <= 320 + 60),
+    "up to the longest interval",
+  );
+  const gb = gaps(busy!);
+  t.ok(gb.length >= 8, `busy file: ${gb.length + 1} syncs`);
+  t.ok(
+    gb.every((g) => g < 160),
+    `busy file: gaps stay short: ${gb.join(",")}`,
+  );
 });
 
 t.test("stop waits for a sync in flight and reports the first error, which stops that file", async (t) => {

@@ -37,7 +37,9 @@ interface Entry {
   error: string | undefined;
   removed: boolean;
   busy: Promise<void> | undefined;
-  lastSync: number;
+  /** When the next sync is due, and the wait after the last one. */
+  due: number;
+  interval: number;
 }
 
 export interface PumpOptions {
@@ -45,8 +47,16 @@ export interface PumpOptions {
   readonly datasync?: DataSync;
   /** fdatasync calls in flight at once (they occupy libuv's thread pool, which the daemon's own I/O shares). */
   readonly concurrency?: number;
-  /** Do not sync a file more often than this (a throttled job has little to write; each sync also flushes the device cache). */
+  /** Do not sync a file more often than this. */
   readonly minIntervalMs?: number;
+  /**
+   * A sync quicker than `quickMs` found little to write (a throttled or
+   * finished copy): the wait before the next one doubles, up to this. Each
+   * sync also commits the filesystem journal and flushes the device cache,
+   * so a slow backup must not cost 20 of those a second for hours.
+   */
+  readonly maxIntervalMs?: number;
+  readonly quickMs?: number;
 }
 
 export class WritebackPump {
@@ -54,17 +64,21 @@ export class WritebackPump {
   private workers = 0;
   private readonly concurrency: number;
   private readonly minIntervalMs: number;
+  private readonly maxIntervalMs: number;
+  private readonly quickMs: number;
   private readonly datasync: DataSync;
 
   constructor(opts: PumpOptions = {}) {
     this.concurrency = opts.concurrency ?? 2;
     this.minIntervalMs = opts.minIntervalMs ?? 50;
+    this.maxIntervalMs = opts.maxIntervalMs ?? 1000;
+    this.quickMs = opts.quickMs ?? 20;
     this.datasync = opts.datasync ?? ((fh) => fh.datasync());
   }
 
   /** Start writing `path` out in the background; the returned function stops that and tells the first error seen. */
   add(path: string): () => Promise<string | undefined> {
-    const e: Entry = { path, fh: undefined, error: undefined, removed: false, busy: undefined, lastSync: 0 };
+    const e: Entry = { path, fh: undefined, error: undefined, removed: false, busy: undefined, due: 0, interval: this.minIntervalMs };
     this.entries.push(e);
     while (this.workers < this.concurrency) {
       this.workers++;
@@ -83,7 +97,7 @@ export class WritebackPump {
 
   private next(): Entry | undefined {
     let best: Entry | undefined;
-    for (const e of this.entries) if (e.busy === undefined && (best === undefined || e.lastSync < best.lastSync)) best = e;
+    for (const e of this.entries) if (e.busy === undefined && (best === undefined || e.due < best.due)) best = e;
     return best;
   }
 
@@ -97,15 +111,19 @@ export class WritebackPump {
           await sleep(this.minIntervalMs);
           continue;
         }
-        const wait = e.lastSync + this.minIntervalMs - Date.now();
+        const wait = e.due - Date.now();
         if (wait > 0) {
-          await sleep(wait);
-          if (e.removed || e.busy !== undefined) continue;
+          // not longer than the shortest interval: another file may fall due meanwhile
+          await sleep(Math.min(wait, this.minIntervalMs));
+          continue;
         }
+        const start = Date.now();
         e.busy = this.syncOnce(e);
         await e.busy;
         e.busy = undefined;
-        e.lastSync = Date.now();
+        const end = Date.now();
+        e.interval = end - start < this.quickMs ? Math.min(e.interval * 2, this.maxIntervalMs) : this.minIntervalMs;
+        e.due = end + e.interval;
       }
     } finally {
       this.workers--;
