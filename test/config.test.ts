@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import t from "tap";
-import { parseConfig } from "../src/conf/config.js";
+import { parseConfig, parseOwner } from "../src/conf/config.js";
 
 const ROOT = join(import.meta.dirname, "..");
 
@@ -26,6 +26,12 @@ t.test("the example configuration parses", async (t) => {
   t.equal(c.socketGroup, "qbackup");
 });
 
+t.test("a domain's qemuUser", async (t) => {
+  const c = parseConfig('{"domains": [{"name": "a", "qmp": "/q", "qemuUser": "107:108"}]}', {})._unsafeUnwrap();
+  t.equal(c.domains[0]!.qemuUser, "107:108");
+  t.same(parseOwner("107:108"), { uid: 107, gid: 108 });
+});
+
 t.test("bad configuration: clear errors", async (t) => {
   const cases: [string, RegExp][] = [
     ["{", /not valid JSON/],
@@ -37,6 +43,8 @@ t.test("bad configuration: clear errors", async (t) => {
     ['{"domains": [{"name": "a"}]}', /qmp .* is required/],
     ['{"domains": [{"name": "a", "qmp": "/q"}, {"name": "a", "qmp": "/r"}]}', /listed twice/],
     ['{"maxBodyBytes": 5}', /maxBodyBytes/],
+    ['{"domains": [{"name": "a", "qmp": "/q", "qemuUser": "qemu"}]}', /qemuUser must be "uid:gid"/],
+    ['{"domains": [{"name": "a", "qmp": "/q", "qemuUser": "1:2:3"}]}', /qemuUser must be "uid:gid"/],
   ];
   for (const [text, re] of cases) {
     const e = parseConfig(text, {})._unsafeUnwrapErr();

@@ -77,6 +77,8 @@ export function domainJson(d: Domain) {
     name: d.name,
     qmp: d.config.qmp,
     agent: d.config.agent ?? null,
+    /** Who QEMU runs as when not the daemon's user ("uid:gid", configured or read off the QMP socket). */
+    qemuUser: d.imageOwner ? `${d.imageOwner.uid}:${d.imageOwner.gid}` : null,
     origin: d.origin,
     state: d.state,
     error: d.error ?? null,

@@ -169,9 +169,15 @@ export function buildCli(setExit: (code: number) => void): Command {
     .description("register a domain")
     .requiredOption("--qmp <path>", "QMP socket path (or host:port)")
     .option("--agent <path>", "guest agent socket (for --quiesce)")
-    .action(async (name: string, o: { qmp: string; agent?: string }) => {
+    .option("--qemu-user <uid:gid>", "QEMU runs as this user (default: the QMP socket's owner)")
+    .action(async (name: string, o: { qmp: string; agent?: string; qemuUser?: string }) => {
       const c = ctx();
-      const r = await call(c, "POST", "/v1/domains", { name, qmp: o.qmp, ...(o.agent ? { agent: o.agent } : {}) });
+      const r = await call(c, "POST", "/v1/domains", {
+        name,
+        qmp: o.qmp,
+        ...(o.agent ? { agent: o.agent } : {}),
+        ...(o.qemuUser ? { qemuUser: o.qemuUser } : {}),
+      });
       out(c, r.body, () => `Domain ${name} added\n`);
     });
   program

@@ -14,6 +14,18 @@ export interface DomainConfig {
   readonly qmp: string;
   /** Guest agent socket path (for quiesce). */
   readonly agent?: string | undefined;
+  /**
+   * "uid:gid" QEMU runs as, to whom target and scratch files are given.
+   * Unset: the owner of the QMP socket (QEMU created it), or nobody else's
+   * when QMP is reached over TCP.
+   */
+  readonly qemuUser?: string | undefined;
+}
+
+/** "uid:gid" → numbers (validated by parseDomainConfig). */
+export function parseOwner(s: string): { uid: number; gid: number } {
+  const [uid, gid] = s.split(":").map(Number);
+  return { uid: uid!, gid: gid! };
 }
 
 export interface DaemonConfig {
@@ -66,7 +78,7 @@ function absPath(v: unknown, what: string): Result<string, ConfError> {
 export function parseDomainConfig(v: unknown, where: string): Result<DomainConfig, ConfError> {
   if (typeof v !== "object" || v === null) return bad(`${where} must be an object`);
   const o = v as Record<string, unknown>;
-  for (const k of Object.keys(o)) if (!["name", "qmp", "agent"].includes(k)) return bad(`${where}: unknown key '${k}'`);
+  for (const k of Object.keys(o)) if (!["name", "qmp", "agent", "qemuUser"].includes(k)) return bad(`${where}: unknown key '${k}'`);
   if (typeof o.name !== "string") return bad(`${where}: name is required`);
   const n = checkName(o.name, "domain name");
   if (n.isErr()) return err(n.error);
@@ -75,7 +87,14 @@ export function parseDomainConfig(v: unknown, where: string): Result<DomainConfi
     const a = absPath(o.agent, `${where}: agent`);
     if (a.isErr()) return err(a.error);
   }
-  return ok({ name: o.name, qmp: o.qmp, ...(typeof o.agent === "string" ? { agent: o.agent } : {}) });
+  if (o.qemuUser !== undefined && (typeof o.qemuUser !== "string" || !/^\d{1,10}:\d{1,10}$/.test(o.qemuUser)))
+    return bad(`${where}: qemuUser must be "uid:gid" (numbers)`);
+  return ok({
+    name: o.name,
+    qmp: o.qmp,
+    ...(typeof o.agent === "string" ? { agent: o.agent } : {}),
+    ...(typeof o.qemuUser === "string" ? { qemuUser: o.qemuUser } : {}),
+  });
 }
 
 /** Merge file and flags (flags win) and validate. `fileText` undefined: no file. */

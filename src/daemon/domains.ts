@@ -5,14 +5,14 @@
  * connect it probes QEMU and reconciles its checkpoints. One domain's QEMU
  * going away never affects another.
  */
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { ApiError } from "../api/errors.js";
 import { CheckpointManager } from "../checkpoints/manager.js";
 import { CheckpointStore } from "../checkpoints/store.js";
 import type { DomainConfig } from "../conf/config.js";
-import { parseDomainConfig } from "../conf/config.js";
+import { parseDomainConfig, parseOwner } from "../conf/config.js";
 import type { BackupDomain } from "../jobs/manager.js";
 import type { Logger } from "../log.js";
 import { type CapabilityCache, probeCapabilities, type QemuCapabilities } from "../qmp/capabilities.js";
@@ -40,6 +40,8 @@ export class Domain implements BackupDomain {
   private lastError: string | undefined;
   private readonly supervisor: QmpSupervisor;
   readonly agentPath: string | undefined;
+  /** Who QEMU runs as, when not the daemon's user (read at each connect). */
+  private owner: { uid: number; gid: number } | undefined;
 
   constructor(
     readonly config: DomainConfig,
@@ -75,6 +77,33 @@ export class Domain implements BackupDomain {
     return this.capsValue?.backupPerf ?? false;
   }
 
+  get imageOwner(): { uid: number; gid: number } | undefined {
+    return this.owner;
+  }
+
+  /**
+   * QEMU must be able to open the files we create for it. Its user is the
+   * configured qemuUser, else the owner of the QMP socket it created; only
+   * one neither root nor the daemon's own user needs the files handed over.
+   */
+  private findOwner(): { uid: number; gid: number } | undefined {
+    let o: { uid: number; gid: number } | undefined;
+    if (this.config.qemuUser !== undefined) o = parseOwner(this.config.qemuUser);
+    else {
+      const a = parseAddress(this.config.qmp);
+      if ("path" in a) {
+        try {
+          const st = statSync(a.path);
+          o = { uid: st.uid, gid: st.gid };
+        } catch {
+          o = undefined;
+        }
+      }
+    }
+    // root opens whatever we create, and so do we
+    return o === undefined || o.uid === 0 || o.uid === process.getuid?.() ? undefined : o;
+  }
+
   get error(): string | undefined {
     return this.lastError;
   }
@@ -103,6 +132,12 @@ export class Domain implements BackupDomain {
       return;
     }
     this.capsValue = caps.value;
+    this.owner = this.findOwner();
+    if (this.owner !== undefined)
+      this.log.info(
+        { domain: this.name, uid: this.owner.uid, gid: this.owner.gid },
+        "QEMU runs as another user: backup files are given to it",
+      );
     this.stateValue = "connected";
     this.lastError = undefined;
     this.log.info({ domain: this.name, qemu: caps.value.package }, "domain connected");

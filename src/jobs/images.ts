@@ -19,6 +19,8 @@ export interface ImageSpec {
   readonly clusterSize?: number | undefined;
   /** Id of the blockdev-create job (ours: named with the qbk- prefix, so leftovers are found). */
   readonly jobId: string;
+  /** QEMU runs as this user: the file is given to it (still 0600). */
+  readonly owner?: { readonly uid: number; readonly gid: number } | undefined;
 }
 
 const CREATE_TIMEOUT_MS = 60_000;
@@ -30,11 +32,23 @@ export function imageCreateOptions(spec: ImageSpec): BlockdevCreateOptions {
 }
 
 export function imageCreate(client: QmpClient, spec: ImageSpec): ResultAsync<void, BackupError> {
-  const failed = (why: string): BackupError => ({ code: "image", message: `cannot create ${spec.path}: ${why}` });
-  return ResultAsync.fromPromise(
-    open(spec.path, "wx", 0o600).then((fh) => fh.close()),
-    (e) => failed((e as Error).message),
-  ).andThen(() => {
+  const failed = (why: string): BackupError => ({
+    code: "image",
+    // QEMU opens the file itself, with its own user's rights
+    message: `cannot create ${spec.path}: ${why}${/Permission denied/.test(why) ? " (QEMU must reach and open it: see qemuUser in the README)" : ""}`,
+  });
+  const createFile = async (): Promise<void> => {
+    const fh = await open(spec.path, "wx", 0o600);
+    try {
+      if (spec.owner !== undefined) await fh.chown(spec.owner.uid, spec.owner.gid);
+    } catch (e) {
+      await fh.close();
+      await imageRemove(spec.path);
+      throw new Error(`cannot give it to QEMU's user ${spec.owner!.uid}:${spec.owner!.gid}: ${(e as Error).message}`);
+    }
+    await fh.close();
+  };
+  return ResultAsync.fromPromise(createFile(), (e) => failed((e as Error).message)).andThen(() => {
     const done = client.listen(["JOB_STATUS_CHANGE"], (e) => e.data.id === spec.jobId && e.data.status === "concluded");
     const job = client
       .execute("blockdev-create", { "job-id": spec.jobId, options: imageCreateOptions(spec) })

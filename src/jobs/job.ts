@@ -450,6 +450,7 @@ export class BackupJob {
           size: d.plan.virtualSize,
           clusterSize: d.plan.clusterSize,
           jobId: d.plan.createJobId,
+          owner: this.ctx.planOpts.imageOwner,
         }).map(() => {
           d.fileCreated = true;
         }),

@@ -6,6 +6,7 @@
  * (domjobinfo --completed) and fans job events out to subscribers.
  */
 import { randomBytes } from "node:crypto";
+import { chown } from "node:fs/promises";
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import { withFrozenGuest } from "../agent/quiesce.js";
@@ -16,7 +17,7 @@ import { type CheckpointDef, checkpointDefParse } from "../conf/checkpoint.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
-import { ensureDir } from "../util/atomic-file.js";
+import { ensureDir, type IoError, ioError } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
 import { checkBackupPath } from "./paths.js";
@@ -34,6 +35,8 @@ export interface BackupDomain {
   readonly agentPath?: string | undefined;
   /** blockdev-backup x-perf available (from the capability probe). */
   readonly backupPerf: boolean;
+  /** QEMU's user, when the files we create must be given to it (QEMU runs as another user than the daemon). */
+  readonly imageOwner?: { readonly uid: number; readonly gid: number } | undefined;
 }
 
 export interface JobManagerOptions {
@@ -67,6 +70,14 @@ export interface BeginOptions {
   readonly durable?: boolean;
 }
 
+/** The domain's directory of generated files belongs to QEMU's user when that is not ours (it must create nothing there, but reach the files). */
+function giveDir(dir: string, owner: BackupDomain["imageOwner"]): ResultAsync<void, IoError> {
+  if (owner === undefined) return okAsync(undefined);
+  return ResultAsync.fromPromise(chown(dir, owner.uid, owner.gid), (e) =>
+    ioError(`cannot give ${dir} to QEMU's user ${owner.uid}:${owner.gid}`, e),
+  );
+}
+
 function planOptions(mode: BackupDef["mode"], domain: BackupDomain, opts: BeginOptions): PlanOptions {
   return {
     mode,
@@ -74,6 +85,7 @@ function planOptions(mode: BackupDef["mode"], domain: BackupDomain, opts: BeginO
     bandwidth: opts.bandwidth,
     backupPerf: domain.backupPerf,
     ...(opts.durable === false ? { nonDurable: true } : {}),
+    ...(domain.imageOwner !== undefined ? { imageOwner: { ...domain.imageOwner } } : {}),
   };
 }
 
@@ -307,29 +319,31 @@ export class JobManager {
     const domainDir = join(this.opts.backupDir, domain.name);
     return parsed.andThen((def) =>
       cpDef.andThen((cp) =>
-        ensureDir(domainDir).andThen(() =>
-          discoverDisks(client)
-            .mapErr((e): BackupError => ({ code: "qmp", message: `cannot list disks of '${domain.name}'`, cause: e }))
-            .andThen((disks) => {
-              const suffix = def.mode === "push" ? "qcow2" : "scratch.qcow2";
-              const aligned = backupDefAlign(
-                def,
-                disks.map((d) => d.name),
-                { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
-              );
-              if (aligned.isErr()) return errAsync<BackupJob, BackupError>(aligned.error);
-              return this.validate(domain, client, aligned.value, disks, opts).andThen((plans) =>
-                (cp === undefined
-                  ? okAsync<PreparedCheckpoint | undefined, BackupError>(undefined)
-                  : domain.checkpoints.prepare(cp, disks)
-                ).andThen((prepared) =>
-                  this.serverPlan(domain, aligned.value).map((nbd) =>
-                    this.build(domain, client, id, aligned.value, plans, prepared, nbd, opts),
+        ensureDir(domainDir)
+          .andThen(() => giveDir(domainDir, domain.imageOwner))
+          .andThen(() =>
+            discoverDisks(client)
+              .mapErr((e): BackupError => ({ code: "qmp", message: `cannot list disks of '${domain.name}'`, cause: e }))
+              .andThen((disks) => {
+                const suffix = def.mode === "push" ? "qcow2" : "scratch.qcow2";
+                const aligned = backupDefAlign(
+                  def,
+                  disks.map((d) => d.name),
+                  { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
+                );
+                if (aligned.isErr()) return errAsync<BackupJob, BackupError>(aligned.error);
+                return this.validate(domain, client, aligned.value, disks, opts).andThen((plans) =>
+                  (cp === undefined
+                    ? okAsync<PreparedCheckpoint | undefined, BackupError>(undefined)
+                    : domain.checkpoints.prepare(cp, disks)
+                  ).andThen((prepared) =>
+                    this.serverPlan(domain, aligned.value).map((nbd) =>
+                      this.build(domain, client, id, aligned.value, plans, prepared, nbd, opts),
+                    ),
                   ),
-                ),
-              );
-            }),
-        ),
+                );
+              }),
+          ),
       ),
     );
   }

@@ -45,6 +45,8 @@ export interface PlanOptions {
   readonly backupPerf: boolean;
   /** Push: report ready without writing the targets out to disk first (absent in records of older versions: durable). */
   readonly nonDurable?: boolean | undefined;
+  /** Give created files (and the domain's backup directory) to QEMU's user. */
+  readonly imageOwner?: { readonly uid: number; readonly gid: number } | undefined;
 }
 
 /** QEMU node names are limited to 31 characters, so ours are indexed rather than named after the disk. */

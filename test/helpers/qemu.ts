@@ -7,7 +7,7 @@
  * process dies first.
  */
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -92,6 +92,8 @@ export interface VmOptions {
   readonly images?: readonly string[];
   readonly dir?: string;
   readonly extraArgs?: readonly string[];
+  /** Run QEMU as this user (setpriv; root only): its directory and images are given to it. */
+  readonly runAs?: { readonly uid: number; readonly gid: number };
 }
 
 function spawnQemu(t: Teardown, bin: string, args: string[]): { proc: ChildProcess; stderr: () => string; exited: QemuProcess["exited"] } {
@@ -183,7 +185,13 @@ export async function startVm(t: Teardown, opts: VmOptions = {}): Promise<QemuPr
   args.push("-qmp", `unix:${qmpPath},server=on,wait=off`, "-qmp", `unix:${testPath},server=on,wait=off`, ...(opts.extraArgs ?? []));
   rmSync(qmpPath, { force: true });
   rmSync(testPath, { force: true });
-  return finish(t, dir, qmpPath, testPath, disks, spawnQemu(t, "qemu-system-x86_64", args));
+  const u = opts.runAs;
+  if (u === undefined) return finish(t, dir, qmpPath, testPath, disks, spawnQemu(t, "qemu-system-x86_64", args));
+  chmodSync(dir, 0o755);
+  chownSync(dir, u.uid, u.gid);
+  for (const d of disks) chownSync(d.path, u.uid, u.gid);
+  const ids = ["--reuid", String(u.uid), "--regid", String(u.gid), "--clear-groups"];
+  return finish(t, dir, qmpPath, testPath, disks, spawnQemu(t, "setpriv", [...ids, "qemu-system-x86_64", ...args]));
 }
 
 /** qemu-storage-daemon with N qcow2 nodes (no guest devices; disks are named by node-name). */
