@@ -96,7 +96,7 @@ try {
     const fullBytes = statSync(fullFile).size;
     rmSync(fullFile, { force: true });
 
-    const sock = join(scratch, "nbd.sock");
+    const sock = join(d.backupDir, "nbd.sock");
     const copy = join(scratch, "pull.raw");
     pull.push(
       await timed(async () => {

@@ -71,7 +71,7 @@ async function demo(c: Cleanup): Promise<void> {
 
   say("pull backup since 'tuesday' over NBD; the guest keeps writing while a reader copies");
   await vm.write(1, 0x44, 0, 2 * MiB);
-  const sock = join(vm.dir, "nbd.sock");
+  const sock = join(d.stateDir, "backups", "nbd.sock");
   const px = join(vm.dir, "pull.xml");
   writeFileSync(
     px,

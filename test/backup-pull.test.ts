@@ -1,5 +1,5 @@
 /** Pull backups on real QEMU with 2 disks: point-in-time exports over NBD, dirty maps, teardown. */
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, lstatSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { backupDefParse } from "../src/conf/backup.js";
@@ -21,7 +21,7 @@ async function dirtyMap(uri: string, bitmap: string): Promise<[number, number][]
 t.test("pull full then incremental over a unix socket", async (t) => {
   const d = await testDomain(t, "vm1", DISKS);
   const jm = jobManager(d.backupDir);
-  const sock = join(d.vm.dir, "nbd.sock");
+  const sock = join(d.backupDir, "nbd.sock");
   await d.vm.write(0, 0x81, 0, 2 * MiB);
   await d.vm.write(1, 0x91, 4 * MiB, MiB);
   const before = d.vm.disks.map((x) => join(d.vm.dir, `before-${x.id}.qcow2`));
@@ -122,7 +122,7 @@ t.test("pull over TCP without a port: a free one is picked and shown", async (t)
 t.test("an export removed behind the daemon's back fails the pull and cleans up", async (t) => {
   const d = await testDomain(t, "vm1", DISKS);
   const jm = jobManager(d.backupDir);
-  const sock = join(d.vm.dir, "nbd.sock");
+  const sock = join(d.backupDir, "nbd.sock");
   (
     await jm.begin(d.domain, `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`, undefined)
   )._unsafeUnwrap();
@@ -133,4 +133,42 @@ t.test("an export removed behind the daemon's back fails the pull and cleans up"
   t.match(r.error, /disk 'vdb': its NBD export was removed/);
   t.same(await leftovers(d.client), []);
   t.same(readdirSync(join(d.backupDir, "vm1")), []);
+});
+
+t.test("the NBD socket path: QEMU unlinks what is there, so only allowed directories and stale sockets", async (t) => {
+  const d = await testDomain(t, "vm1", DISKS);
+  const e = await testDomain(t, "vm2", DISKS);
+  const jm = jobManager(d.backupDir);
+  const pull = (sock: string) => `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`;
+  // a file outside the allowed directories, and one inside: neither is touched
+  const outside = join(d.vm.dir, "precious");
+  const inside = join(d.backupDir, "precious");
+  for (const f of [outside, inside]) writeFileSync(f, "keep me");
+  t.match((await jm.begin(d.domain, pull(outside), undefined))._unsafeUnwrapErr(), {
+    code: "path-refused",
+    message: /NBD socket .* is outside the allowed directories/,
+  });
+  t.match((await jm.begin(d.domain, pull(inside), undefined))._unsafeUnwrapErr(), {
+    code: "target-exists",
+    message: /exists and is not a socket: QEMU would delete it/,
+  });
+  for (const f of [outside, inside]) t.equal(readFileSync(f, "utf8"), "keep me", `${f} untouched`);
+  t.same(await leftovers(d.client), [], "refused before QEMU was touched");
+
+  // a stale socket (nothing listens) is replaced; a live one is refused
+  const sock = join(d.backupDir, "nbd.sock");
+  // bound, never listening: what a crashed server leaves behind
+  const { execFileSync } = await import("node:child_process");
+  execFileSync("python3", ["-c", `import socket; s=socket.socket(socket.AF_UNIX); s.bind(${JSON.stringify(sock)})`]);
+  t.ok(lstatSync(sock).isSocket(), "a stale socket is there");
+  (await jm.begin(d.domain, pull(sock), undefined))._unsafeUnwrap();
+  t.ok(await rangeHolds(`nbd+unix:///vda?socket=${sock}`, "raw", 0, 0, MiB), "the export serves on it");
+  const jm2 = jobManager(e.backupDir, { allowedDirs: [d.backupDir, e.backupDir] });
+  t.match((await jm2.begin(e.domain, pull(sock), undefined))._unsafeUnwrapErr(), {
+    code: "target-exists",
+    message: /is in use/,
+  });
+  t.ok(await rangeHolds(`nbd+unix:///vda?socket=${sock}`, "raw", 0, 0, MiB), "the first pull's export still serves");
+  (await jm.end("vm1"))._unsafeUnwrap();
+  t.same(await leftovers(e.client), []);
 });

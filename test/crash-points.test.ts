@@ -35,7 +35,7 @@ for (const { point, mode } of CASES) {
     t.equal((await cli(d1.socket, ["checkpoint-create-as", "vm", "base"])).code, 0);
     const cpXml = join(vm.dir, "cp.xml");
     writeFileSync(cpXml, "<domaincheckpoint><name>c1</name></domaincheckpoint>");
-    const sock = join(vm.dir, "nbd.sock");
+    const sock = join(dir, "state", "backups", "nbd.sock");
     const bx = join(vm.dir, "backup.xml");
     writeFileSync(
       bx,

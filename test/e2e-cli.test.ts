@@ -83,7 +83,7 @@ t.test("domain-add, checkpoint, full push, incremental push, pull, abort, checkp
   );
 
   // pull, incremental since c2, read with nbdinfo and qemu-io
-  const sock = join(vm.dir, "nbd.sock");
+  const sock = join(d.stateDir, "backups", "nbd.sock");
   const px = join(vm.dir, "pull.xml");
   writeFileSync(px, `<domainbackup mode='pull'><incremental>c2</incremental><server transport='unix' socket='${sock}'/></domainbackup>`);
   await ok("backup-begin", "vm1", px);

@@ -84,7 +84,7 @@ t.test("kill -9 mid-pull: exports still listed after the restart, domjobabort te
   const d1 = await startDaemon(t, { dir });
   await cli(d1.socket, ["domain-add", "vm", "--qmp", vm.qmpPath]);
   await connected(d1, "vm");
-  const sock = join(vm.dir, "nbd.sock");
+  const sock = join(dir, "state", "backups", "nbd.sock");
   const px = join(vm.dir, "pull.xml");
   writeFileSync(px, `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`);
   t.equal((await cli(d1.socket, ["backup-begin", "vm", px])).code, 0);
@@ -110,7 +110,7 @@ t.test("leftovers of a crash mid-begin are found and removed at the next start",
   await cli(d1.socket, ["domain-add", "vm", "--qmp", vm.qmpPath]);
   await connected(d1, "vm");
   (await cli(d1.socket, ["checkpoint-create-as", "vm", "base"])).code;
-  const sock = join(vm.dir, "nbd.sock");
+  const sock = join(dir, "state", "backups", "nbd.sock");
   const px = join(vm.dir, "pull.xml");
   writeFileSync(px, `<domainbackup mode='pull'><incremental>base</incremental><server transport='unix' socket='${sock}'/></domainbackup>`);
   t.equal((await cli(d1.socket, ["backup-begin", "vm", px])).code, 0);

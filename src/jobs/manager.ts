@@ -20,7 +20,7 @@ import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
 import { ensureDir, type IoError, ioError } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
-import { checkBackupPath } from "./paths.js";
+import { checkBackupPath, checkSocketPath } from "./paths.js";
 import { type DiskPlan, type PlanOptions, planDisk } from "./plan.js";
 import { freeTcpPort } from "./ports.js";
 import { JobStore } from "./record.js";
@@ -410,7 +410,9 @@ export class JobManager {
     if (s.tls && tlsCreds === undefined)
       return errAsync({ code: "unsupported", message: "tls='yes' needs an x509 credentials directory (tlsDir) in the configuration" });
     if (s.transport === "unix") {
-      return okAsync({ addr: { type: "unix", data: { path: s.socket } }, tlsCreds, uri: `nbd+unix:///?socket=${s.socket}` });
+      return checkSocketPath(s.socket, this.opts.allowedDirs).map(
+        (path): NbdServerPlan => ({ addr: { type: "unix", data: { path } }, tlsCreds, uri: `nbd+unix:///?socket=${path}` }),
+      );
     }
     if (s.transport !== "tcp") return errAsync({ code: "unsupported", message: "unsupported NBD transport" });
     if (!LOOPBACK.has(s.name) && !s.tls && !this.opts.allowPlainTcp) {

@@ -3,9 +3,12 @@
  * under an allowed directory after symlinks and `..` are resolved (its parent
  * directory is resolved with realpath; the file itself must not exist, or —
  * when reuse is asked — must be a regular file, not a symlink or device).
- * Checked before anything is created.
+ * Checked before anything is created. NBD unix sockets obey the same
+ * directories (see checkSocketPath).
  */
+import type { Stats } from "node:fs";
 import { lstat, realpath } from "node:fs/promises";
+import net from "node:net";
 import { basename, dirname, isAbsolute, join, sep } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { BackupError } from "./errors.js";
@@ -33,12 +36,10 @@ export interface PathCheck {
   readonly exists: boolean;
 }
 
-export function checkBackupPath(
-  path: string,
-  allowedDirs: readonly string[],
-  reuse: boolean,
-  what: string,
-): ResultAsync<PathCheck, BackupError> {
+type Located = { readonly resolved: string; readonly st: Stats | undefined };
+
+/** Absolute, names a file, no control characters, its resolved directory under an allowed one; and what is there now. */
+function locate(path: string, allowedDirs: readonly string[], what: string): ResultAsync<Located, BackupError> {
   if (!isAbsolute(path)) return errAsync({ code: "path-refused", message: `${what} '${path}' is not an absolute path` });
   const base = basename(path);
   if (base === "" || base === "." || base === ".." || path.endsWith("/")) {
@@ -47,7 +48,7 @@ export function checkBackupPath(
   // biome-ignore lint/suspicious/noControlCharactersInRegex: refusing control characters
   if (/[\u0000-\u001f]/.test(path)) return errAsync({ code: "path-refused", message: `${what} contains control characters` });
   return ResultAsync.fromSafePromise(
-    (async (): Promise<PathCheck | BackupError> => {
+    (async (): Promise<Located | BackupError> => {
       const allowed = await resolveAllowed(allowedDirs);
       let dir: string;
       try {
@@ -59,17 +60,58 @@ export function checkBackupPath(
       if (!allowed.some((a) => isUnder(resolved, a))) {
         return { code: "path-refused", message: `${what} '${path}' is outside the allowed directories (${allowedDirs.join(", ")})` };
       }
-      let st: Awaited<ReturnType<typeof lstat>> | undefined;
-      try {
-        st = await lstat(resolved);
-      } catch {
-        st = undefined;
-      }
-      if (st === undefined) return { path: resolved, exists: false };
-      if (!reuse)
-        return { code: "target-exists", message: `${what} '${path}' already exists (ask to reuse it if you created it for this backup)` };
-      if (!st.isFile()) return { code: "path-refused", message: `${what} '${path}' is not a regular file` };
-      return { path: resolved, exists: true };
+      return { resolved, st: await lstat(resolved).catch(() => undefined) };
     })(),
   ).andThen((r) => ("code" in r ? errAsync(r) : okAsync(r)));
+}
+
+export function checkBackupPath(
+  path: string,
+  allowedDirs: readonly string[],
+  reuse: boolean,
+  what: string,
+): ResultAsync<PathCheck, BackupError> {
+  return locate(path, allowedDirs, what).andThen(({ resolved, st }): ResultAsync<PathCheck, BackupError> => {
+    if (st === undefined) return okAsync({ path: resolved, exists: false });
+    if (!reuse)
+      return errAsync({
+        code: "target-exists",
+        message: `${what} '${path}' already exists (ask to reuse it if you created it for this backup)`,
+      });
+    if (!st.isFile()) return errAsync({ code: "path-refused", message: `${what} '${path}' is not a regular file` });
+    return okAsync({ path: resolved, exists: true });
+  });
+}
+
+/** Does something accept connections on this unix socket? (A stale one refuses them.) */
+function socketLive(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.createConnection(path);
+    const done = (live: boolean) => {
+      s.destroy();
+      resolve(live);
+    };
+    s.once("connect", () => done(true));
+    s.once("error", () => done(false));
+    s.setTimeout(1000, () => done(true));
+  });
+}
+
+/**
+ * An NBD server's unix socket. QEMU unlinks whatever is at the path before it
+ * binds (tried: a regular file there is replaced by the socket), so the path
+ * obeys the same allowed directories as backup files, and an existing entry
+ * may only be a stale socket: never a file, never one something listens on
+ * (another backup's NBD server, say).
+ */
+export function checkSocketPath(path: string, allowedDirs: readonly string[]): ResultAsync<string, BackupError> {
+  const what = "NBD socket";
+  return locate(path, allowedDirs, what).andThen(({ resolved, st }): ResultAsync<string, BackupError> => {
+    if (st === undefined) return okAsync(resolved);
+    if (!st.isSocket())
+      return errAsync({ code: "target-exists", message: `${what} '${path}' exists and is not a socket: QEMU would delete it` });
+    return ResultAsync.fromSafePromise(socketLive(resolved)).andThen((live) =>
+      live ? errAsync({ code: "target-exists" as const, message: `${what} '${path}' is in use` }) : okAsync(resolved),
+    );
+  });
 }
