@@ -128,3 +128,25 @@ t.test("a real writeback failure (ext4 on an overcommitted loop device) fails th
   t.equal(d.checkpoints.store.get("c1"), undefined, "no checkpoint claims it");
   t.same(await leftovers(d.client), [], "nothing left in QEMU");
 });
+
+for (const durable of [true, false]) {
+  t.test(`a target QEMU cannot close fails the backup (durable: ${durable})`, async (t) => {
+    const d = await testDomain(t, "vm1", DISKS);
+    const jm = jobManager(d.backupDir);
+    await d.vm.write(0, 0x71, 0, 4 * MiB);
+    (await jm.begin(d.domain, undefined, CP, { bandwidth: 1 * MiB, durable }))._unsafeUnwrap();
+    // someone else holds vda's target: an export of it (not ours) keeps blockdev-del from closing it
+    const nodes = (await d.vm.monitor.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
+    const target = nodes.map((n) => n["node-name"]).find((n) => n?.startsWith("qbk-t"))!;
+    const nbd = join(d.backupDir, "other.sock");
+    (await d.vm.monitor.execute("nbd-server-start", { addr: { type: "unix", data: { path: nbd } } }))._unsafeUnwrap();
+    (await d.vm.monitor.execute("block-export-add", { type: "nbd", id: "someone", "node-name": target }))._unsafeUnwrap();
+    (await jm.setBandwidth("vm1", 0))._unsafeUnwrap();
+    const done = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+    t.equal(done.state, "failed", "not ready: the target was never closed");
+    t.match(done.error, /cannot close the target/);
+    t.equal(d.checkpoints.store.get("c1"), undefined, "no checkpoint claims it");
+    (await d.vm.monitor.execute("block-export-del", { id: "someone", mode: "hard" }))._unsafeUnwrap();
+    (await d.vm.monitor.execute("nbd-server-stop"))._unsafeUnwrap();
+  });
+}

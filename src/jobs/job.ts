@@ -753,11 +753,11 @@ export class BackupJob {
         this.errorText ??= `disk '${this.disks[i]!.plan.disk}': writing ${this.disks[i]!.plan.file} out failed: ${writebackErrors[i]}`;
       crashPoint("ready:sync");
       if (this.errorText === undefined) this.errorText = await this.ctx.writeback.syncFiles(this.disks.map((d) => d.plan.file));
-      if (this.errorText !== undefined) {
-        outcome = "failed";
-        for (const d of this.disks) d.state = "failed";
-        this.log.error({ error: this.errorText }, "the backup copy is complete but cannot be made durable");
-      }
+    }
+    if (pushReady && this.errorText !== undefined) {
+      outcome = "failed";
+      for (const d of this.disks) d.state = "failed";
+      this.log.error({ error: this.errorText }, "the backup copy is complete but cannot be closed or made durable");
     }
     // Scratch files always go; targets only when the backup did not succeed.
     const removeFiles = this.ctx.def.mode === "pull" || outcome !== "ready";
