@@ -68,6 +68,7 @@ interface JobInfoLike {
   rate: number;
   error?: string;
   nbd?: string;
+  durable?: boolean;
   disks: { name: string; state: string; bytesDone: number; bytesTotal: number; file: string; exportName?: string }[];
 }
 
@@ -87,6 +88,7 @@ function jobText(j: JobInfoLike): string {
   if (j.incremental) rows.push(["Incremental since", j.incremental]);
   if (j.checkpoint) rows.push(["Checkpoint", j.checkpoint]);
   if (j.nbd) rows.push(["NBD server", j.nbd]);
+  if (j.durable === false) rows.push(["Durable", "no (ready once copied, not waiting for the disk)"]);
   if (j.error) rows.push(["Error", j.error]);
   for (const d of j.disks)
     rows.push([
