@@ -720,7 +720,9 @@ export class BackupJob {
     };
     const pushReady = outcome === "ready" && this.ctx.def.mode === "push";
     const durable = pushReady && this.ctx.planOpts.nonDurable !== true;
-    const writebackErrors = await Promise.all(this.writebackStops.splice(0).map((stop) => stop()));
+    // a backup that did not succeed does not wait for a sync in flight (its files go anyway)
+    const stopping = Promise.all(this.writebackStops.splice(0).map((stop) => stop()));
+    const writebackErrors = pushReady ? await stopping : [];
     const connected = c.runstate === "running";
     if (connected) {
       for (const d of this.disks)
