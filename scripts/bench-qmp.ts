@@ -90,7 +90,7 @@ try {
   // must echo it, which costs QEMU measurable time), but does no correlation,
   // no parsing beyond the newline, no timeouts.
   let n = 0;
-  const line = () => `{"execute":"query-version","id":"r${++n}"}\n`;
+  const line = () => `{"execute":"query-version","id":${++n}}\n`;
   const rawLat: { p50: number; p99: number }[] = [];
   const ourLat: { p50: number; p99: number }[] = [];
   const rawTput: number[] = [];

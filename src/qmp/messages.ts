@@ -116,7 +116,7 @@ export function parseInbound(line: string): Result<QmpInbound, MalformedMessage>
 }
 
 /** Serialize one command with its correlation id, newline-terminated. */
-export function serializeCommand(id: string, command: string, args?: object): string {
+export function serializeCommand(id: string | number, command: string, args?: object): string {
   return args === undefined
     ? `{"execute":${JSON.stringify(command)},"id":${JSON.stringify(id)}}\n`
     : `{"execute":${JSON.stringify(command)},"arguments":${JSON.stringify(args)},"id":${JSON.stringify(id)}}\n`;
