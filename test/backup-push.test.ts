@@ -1,5 +1,5 @@
 /** Push backups on real QEMU with 2 disks: point in time, chains, abort, failure, isolation. */
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
@@ -252,4 +252,20 @@ t.test("an image QEMU cannot format: clear error, the file removed, nothing left
   t.same(await leftovers(d.client), []);
   const taken = await imageCreate(d.client, { path: d.vm.disks[0]!.path, format: "qcow2", size: 16 * MiB, jobId: "qbk-c9" });
   t.match(taken._unsafeUnwrapErr(), { code: "image", message: /EEXIST/ }, "an existing file is never formatted over");
+});
+
+t.test("one disk's target cannot be opened: the others' nodes and files, added at the same time, are undone", async (t) => {
+  const d = await testDomain(t, "vm1", DISKS);
+  const jm = jobManager(d.backupDir);
+  const garbage = join(d.backupDir, "not-an-image.qcow2");
+  writeFileSync(garbage, "this is not a qcow2 image\n");
+  const xml = `<domainbackup><disks><disk name='vda'/><disk name='vdb'><target file='${garbage}'/></disk></disks></domainbackup>`;
+  const e = (
+    await jm.begin(d.domain, xml, "<domaincheckpoint><name>z1</name></domaincheckpoint>", { reuseExternal: true })
+  )._unsafeUnwrapErr();
+  t.match(e, { code: "job-failed", message: /cannot open .*not-an-image\.qcow2 for disk 'vdb'/ });
+  t.same(await leftovers(d.client), [], "vda's node removed too");
+  t.same(readdirSync(join(d.backupDir, "vm1")), [], "vda's new target removed");
+  t.equal(readFileSync(garbage, "utf8"), "this is not a qcow2 image\n", "the caller's file is kept as it was");
+  t.equal(d.checkpoints.store.get("z1"), undefined);
 });

@@ -5,7 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { Command, CommanderError } from "commander";
-import { escapeText } from "../conf/xml.js";
+import { escapeText } from "../conf/escape.js";
 import { ApiClient, type ApiReply, isCallError } from "./client.js";
 import { EXIT, exitCodeForStatus } from "./exit-codes.js";
 

@@ -8,6 +8,9 @@
 import { XMLParser, XMLValidator } from "fast-xml-parser";
 import { err, ok, type Result } from "neverthrow";
 import type { ConfError } from "./errors.js";
+import { escapeAttr, escapeText } from "./escape.js";
+
+export { escapeAttr, escapeText };
 
 export interface XmlElement {
   readonly name: string;
@@ -158,14 +161,6 @@ export function parseUnsignedLong(s: string, what: string): Result<number, ConfE
 }
 
 // ---- writer ----
-
-export function escapeText(s: string): string {
-  return s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
-}
-
-export function escapeAttr(s: string): string {
-  return escapeText(s).replace(/'/g, "&apos;").replace(/"/g, "&quot;");
-}
 
 /** Builds libvirt-style XML: two-space indent, attributes in single quotes. */
 export class XmlWriter {

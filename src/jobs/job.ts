@@ -440,9 +440,16 @@ export class BackupJob {
     );
   }
 
+  /** All disks at once; settles only when every one has (so teardown sees every flag it must undo). */
+  private static allSettled(rs: ResultAsync<void, BackupError>[]): ResultAsync<void, BackupError> {
+    return ResultAsync.combineWithAllErrors(rs)
+      .map(() => undefined)
+      .mapErr((errors) => errors[0]!);
+  }
+
   private createFiles(): ResultAsync<void, BackupError> {
     const todo = this.disks.filter((d) => d.plan.createFile);
-    return ResultAsync.combine(
+    return BackupJob.allSettled(
       todo.map((d) =>
         imageCreate(this.ctx.client, {
           path: d.plan.file,
@@ -455,22 +462,21 @@ export class BackupJob {
           d.fileCreated = true;
         }),
       ),
-    ).map(() => undefined);
+    );
   }
 
+  /** Pipelined: QEMU answers in order, and a failure of one still lets the others settle first. */
   private addNodes(): ResultAsync<void, BackupError> {
-    let chain: ResultAsync<void, BackupError> = okAsync(undefined);
-    for (const d of this.disks) {
-      chain = chain.andThen(() =>
+    return BackupJob.allSettled(
+      this.disks.map((d) =>
         this.ctx.client
           .execute("blockdev-add", targetBlockdev(d.plan, this.ctx.def.mode))
           .map(() => {
             d.nodeAdded = true;
           })
           .mapErr((e) => fail(`cannot open ${d.plan.file} for disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
-      );
-    }
-    return chain;
+      ),
+    );
   }
 
   private transaction(): ResultAsync<void, BackupError> {
