@@ -9,7 +9,7 @@ import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { cli, connected, startDaemon, until } from "./helpers/daemon.js";
-import { leftovers } from "./helpers/domain.js";
+import { bitmapNames, leftovers } from "./helpers/domain.js";
 import { rangeHolds, startVm, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
@@ -48,11 +48,6 @@ for (const { point, mode } of CASES) {
     const d2 = await startDaemon(t, { dir });
     await connected(d2, "vm");
     const recFile = join(dir, "state", "jobs", "vm.json");
-    const bitmaps = async () =>
-      (await vm.monitor.execute("query-block"))
-        ._unsafeUnwrap()
-        .flatMap((b) => (b.inserted?.["dirty-bitmaps"] ?? []).map((x) => x.name))
-        .sort();
     if ((FINISHING as readonly string[]).includes(point)) {
       const w = await cli(d2.socket, ["--json", "wait", "vm", "--timeout", "30"]);
       t.equal(w.code, 0, `wait: ${w.stdout}${w.stderr}`);
@@ -61,13 +56,13 @@ for (const { point, mode } of CASES) {
       t.ok(await rangeHolds(done.disks[0]!.file, "qcow2", 0x5a, 0, 4 * MiB), "vda's target holds its data");
       t.ok(await rangeHolds(done.disks[1]!.file, "qcow2", 0x5b, 8 * MiB, 2 * MiB), "vdb's target holds its data");
       t.equal((await cli(d2.socket, ["checkpoint-list", "vm", "--name"])).stdout, "base\nc1\n", "the new checkpoint stays");
-      t.same(await bitmaps(), ["base", "base", "c1", "c1"]);
+      t.same(await bitmapNames(vm.monitor), ["base", "base", "c1", "c1"]);
     } else {
       await until("the interrupted backup failed", async () => !existsSync(recFile), 15_000);
       const r = await cli(d2.socket, ["--json", "domjobinfo", "vm", "--completed"]);
       t.match(JSON.parse(r.stdout), { state: "failed", error: /stopped while the backup was starting/ });
       t.equal((await cli(d2.socket, ["checkpoint-list", "vm", "--name"])).stdout, "base\n", "no checkpoint claims it");
-      t.same(await bitmaps(), ["base", "base"], "c1's bitmaps are gone from QEMU");
+      t.same(await bitmapNames(vm.monitor), ["base", "base"], "c1's bitmaps are gone from QEMU");
       const backups = join(dir, "state", "backups", "vm");
       t.same(existsSync(backups) ? readdirSync(backups) : [], [], "no target or scratch file left");
       t.notOk(existsSync(sock), "no NBD server");

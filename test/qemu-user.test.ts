@@ -7,7 +7,7 @@
 import { chmodSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import { cli, connected, startDaemon } from "./helpers/daemon.js";
+import { addDomain, cli, startDaemon } from "./helpers/daemon.js";
 import { leftovers } from "./helpers/domain.js";
 import { rangeHolds, startVm, type Teardown, tempDir } from "./helpers/qemu.js";
 
@@ -24,9 +24,7 @@ async function setup(t: Teardown, domainArgs: string[] = []) {
   const dir = tempDir(t, "qbackupd-daemon-");
   writeFileSync(join(dir, "config.json"), JSON.stringify({ backupDir: backups, allowDirs: [backups, vm.dir] }));
   const d = await startDaemon(t, { dir });
-  const added = await cli(d.socket, ["domain-add", "vm", "--qmp", vm.qmpPath, ...domainArgs]);
-  if (added.code !== 0) throw new Error(`domain-add: ${added.stderr}`);
-  await connected(d, "vm");
+  await addDomain(d, "vm", vm.qmpPath, domainArgs);
   return { vm, d, backups };
 }
 

@@ -8,7 +8,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { ApiClient } from "../src/cli/client.js";
-import { cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
+import { addDomain, cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
 import { leftovers } from "./helpers/domain.js";
 import { startFakeQmp } from "./helpers/fake-qmp.js";
 import { rangeHolds, startVm, tempDir } from "./helpers/qemu.js";
@@ -60,8 +60,7 @@ t.test("a push that finished while the daemon was down: outcome recorded, cleanu
   const vm = await dataVm(t);
   const dir = tempDir(t, "qbackupd-daemon-");
   const d1 = await startDaemon(t, { dir });
-  await cli(d1.socket, ["domain-add", "vm", "--qmp", vm.qmpPath]);
-  await connected(d1, "vm");
+  await addDomain(d1, "vm", vm.qmpPath);
   t.equal((await cli(d1.socket, ["backup-begin", "vm", "--bandwidth", "65536"])).code, 0);
   await d1.stop("SIGKILL");
   // finish the jobs behind the daemon's back
@@ -82,8 +81,7 @@ t.test("kill -9 mid-pull: exports still listed after the restart, domjobabort te
   const vm = await dataVm(t);
   const dir = tempDir(t, "qbackupd-daemon-");
   const d1 = await startDaemon(t, { dir });
-  await cli(d1.socket, ["domain-add", "vm", "--qmp", vm.qmpPath]);
-  await connected(d1, "vm");
+  await addDomain(d1, "vm", vm.qmpPath);
   const sock = join(dir, "state", "backups", "nbd.sock");
   const px = join(vm.dir, "pull.xml");
   writeFileSync(px, `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`);
@@ -107,8 +105,7 @@ t.test("leftovers of a crash mid-begin are found and removed at the next start",
   const vm = await dataVm(t);
   const dir = tempDir(t, "qbackupd-daemon-");
   const d1 = await startDaemon(t, { dir });
-  await cli(d1.socket, ["domain-add", "vm", "--qmp", vm.qmpPath]);
-  await connected(d1, "vm");
+  await addDomain(d1, "vm", vm.qmpPath);
   (await cli(d1.socket, ["checkpoint-create-as", "vm", "base"])).code;
   const sock = join(dir, "state", "backups", "nbd.sock");
   const px = join(vm.dir, "pull.xml");

@@ -13,7 +13,6 @@
  */
 
 import { existsSync } from "node:fs";
-import net from "node:net";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
 import { type BackupDef, backupDefFormat } from "../conf/backup.js";
@@ -21,8 +20,8 @@ import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { EventListener } from "../qmp/events.js";
-import type { QmpAddress } from "../qmp/protocol.js";
 import { crashPoint } from "../util/crash-point.js";
+import { listening } from "../util/listening.js";
 import type { BackupError } from "./errors.js";
 import { imageCreate, imageRemove } from "./images.js";
 import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
@@ -92,26 +91,6 @@ export interface JobContext {
   readonly onDetached?: ((job: BackupJob) => void) | undefined;
   /** Writes push targets out while they are copied, and at the end. */
   readonly writeback: WritebackPump;
-}
-
-/** Does anything still listen at QEMU's QMP address? (A dead QEMU leaves ECONNREFUSED/ENOENT.) */
-function qemuAlive(address: QmpAddress): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = "path" in address ? net.createConnection(address.path) : net.createConnection(address.port, address.host);
-    const timer = setTimeout(() => {
-      sock.destroy();
-      resolve(true);
-    }, 1000);
-    sock.once("connect", () => {
-      clearTimeout(timer);
-      sock.destroy();
-      resolve(true);
-    });
-    sock.once("error", () => {
-      clearTimeout(timer);
-      resolve(false);
-    });
-  });
 }
 
 export interface NbdServerPlan {
@@ -668,7 +647,8 @@ export class BackupJob {
 
   private onDisconnect(reason: string): void {
     if (!this.activeValue || this.detached) return;
-    void qemuAlive(this.ctx.client.address).then((alive) => {
+    // a dead QEMU leaves its QMP socket refusing connections
+    void listening(this.ctx.client.address).then((alive) => {
       if (this.detached || !this.activeValue) return;
       if (alive && this.ctx.store !== undefined) {
         this.log.warn({ reason }, "QMP connection lost but QEMU still runs; the job is adopted again at reconnect");

@@ -8,9 +8,9 @@
  */
 import type { Stats } from "node:fs";
 import { lstat, realpath } from "node:fs/promises";
-import net from "node:net";
 import { basename, dirname, isAbsolute, join, sep } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
+import { listening } from "../util/listening.js";
 import type { BackupError } from "./errors.js";
 
 export function isUnder(path: string, dir: string): boolean {
@@ -83,20 +83,6 @@ export function checkBackupPath(
   });
 }
 
-/** Does something accept connections on this unix socket? (A stale one refuses them.) */
-function socketLive(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.createConnection(path);
-    const done = (live: boolean) => {
-      s.destroy();
-      resolve(live);
-    };
-    s.once("connect", () => done(true));
-    s.once("error", () => done(false));
-    s.setTimeout(1000, () => done(true));
-  });
-}
-
 /**
  * An NBD server's unix socket. QEMU unlinks whatever is at the path before it
  * binds (tried: a regular file there is replaced by the socket), so the path
@@ -110,7 +96,7 @@ export function checkSocketPath(path: string, allowedDirs: readonly string[]): R
     if (st === undefined) return okAsync(resolved);
     if (!st.isSocket())
       return errAsync({ code: "target-exists", message: `${what} '${path}' exists and is not a socket: QEMU would delete it` });
-    return ResultAsync.fromSafePromise(socketLive(resolved)).andThen((live) =>
+    return ResultAsync.fromSafePromise(listening({ path: resolved })).andThen((live) =>
       live ? errAsync({ code: "target-exists" as const, message: `${what} '${path}' is in use` }) : okAsync(resolved),
     );
   });

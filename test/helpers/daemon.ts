@@ -110,3 +110,10 @@ export async function connected(d: RunningDaemon, name: string): Promise<void> {
     );
   });
 }
+
+/** Register a domain and wait until the daemon has connected it. */
+export async function addDomain(d: RunningDaemon, name: string, qmp: string, extra: string[] = []): Promise<void> {
+  const added = await cli(d.socket, ["domain-add", name, "--qmp", qmp, ...extra]);
+  if (added.code !== 0) throw new Error(`domain-add ${name}: ${added.stderr}`);
+  await connected(d, name);
+}

@@ -62,3 +62,11 @@ export async function leftovers(client: QmpClient): Promise<string[]> {
     for (const b of n["dirty-bitmaps"] ?? []) if (b.name?.startsWith("backup-")) out.push(`bitmap ${n["node-name"]}/${b.name}`);
   return [...new Set(out)];
 }
+
+/** Names of every dirty bitmap on the VM's disks, sorted. */
+export async function bitmapNames(client: QmpClient): Promise<(string | undefined)[]> {
+  return (await client.execute("query-block"))
+    ._unsafeUnwrap()
+    .flatMap((b) => (b.inserted?.["dirty-bitmaps"] ?? []).map((x) => x.name))
+    .sort();
+}
