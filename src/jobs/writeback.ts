@@ -28,7 +28,16 @@ import { fsyncDir } from "../util/atomic-file.js";
 /** fdatasync of an open file; `phase` says whether the copy may still be running. */
 export type DataSync = (fh: FileHandle, path: string, phase: "background" | "final") => Promise<void>;
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** Time as the pump sees it; tests run the pump on a virtual clock so its schedule does not depend on the machine's load. */
+export interface Clock {
+  now(): number;
+  sleep(ms: number): Promise<void>;
+}
+
+const realClock: Clock = {
+  now: () => Date.now(),
+  sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+};
 
 interface Entry {
   readonly path: string;
@@ -57,6 +66,7 @@ export interface PumpOptions {
    */
   readonly maxIntervalMs?: number;
   readonly quickMs?: number;
+  readonly clock?: Clock;
 }
 
 export class WritebackPump {
@@ -67,6 +77,7 @@ export class WritebackPump {
   private readonly maxIntervalMs: number;
   private readonly quickMs: number;
   private readonly datasync: DataSync;
+  private readonly clock: Clock;
 
   constructor(opts: PumpOptions = {}) {
     this.concurrency = opts.concurrency ?? 2;
@@ -74,6 +85,7 @@ export class WritebackPump {
     this.maxIntervalMs = opts.maxIntervalMs ?? 1000;
     this.quickMs = opts.quickMs ?? 20;
     this.datasync = opts.datasync ?? ((fh) => fh.datasync());
+    this.clock = opts.clock ?? realClock;
   }
 
   /** Start writing `path` out in the background; the returned function stops that and tells the first error seen. */
@@ -108,20 +120,20 @@ export class WritebackPump {
         const e = this.next();
         if (e === undefined) {
           // every file is being synced by another worker
-          await sleep(this.minIntervalMs);
+          await this.clock.sleep(this.minIntervalMs);
           continue;
         }
-        const wait = e.due - Date.now();
+        const wait = e.due - this.clock.now();
         if (wait > 0) {
           // not longer than the shortest interval: another file may fall due meanwhile
-          await sleep(Math.min(wait, this.minIntervalMs));
+          await this.clock.sleep(Math.min(wait, this.minIntervalMs));
           continue;
         }
-        const start = Date.now();
+        const start = this.clock.now();
         e.busy = this.syncOnce(e);
         await e.busy;
         e.busy = undefined;
-        const end = Date.now();
+        const end = this.clock.now();
         e.interval = end - start < this.quickMs ? Math.min(e.interval * 2, this.maxIntervalMs) : this.minIntervalMs;
         e.due = end + e.interval;
       }
