@@ -23,6 +23,7 @@ t.test("greeting and negotiation", async (t) => {
   t.equal(c.runstate, "running");
   t.equal(c.version.qemu.major, 7, "greeting carries QEMU's version");
   t.ok(c.greeting.capabilities.includes("oob"), "greeting carries capabilities");
+  t.same(c.capabilities, ["oob"], "oob is enabled (QEMU then reads pipelined commands ahead)");
   const v = await c.execute("query-version");
   t.same(v._unsafeUnwrap().qemu, c.version.qemu);
   // Negotiation happened: a command that needs command mode works.

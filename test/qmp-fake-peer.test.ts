@@ -3,7 +3,7 @@ import { Writable } from "node:stream";
 import { pino } from "pino";
 import t from "tap";
 import { probeCapabilities, QmpClient } from "../src/qmp/index.js";
-import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
+import { GREETING, reply, startFakeQmp } from "./helpers/fake-qmp.js";
 import { silentLogger } from "./helpers/qemu.js";
 
 const unhandled: unknown[] = [];
@@ -121,6 +121,25 @@ t.test("a peer that never greets: connect times out", async (t) => {
   const e = r._unsafeUnwrapErr();
   t.equal(e.code, "connect");
   t.match(e.code === "connect" && e.message, /no QMP greeting within 200 ms/);
+});
+
+t.test("only capabilities the greeting offers are enabled", async (t) => {
+  // a monitor without an I/O thread offers no "oob"; QEMU here always offers it
+  const bare = await startFakeQmp(t, () => {});
+  const c1 = (await QmpClient.connect({ path: bare.path }, { logger: silentLogger }))._unsafeUnwrap();
+  t.teardown(() => c1.close());
+  t.same(bare.negotiations, [{}], "nothing offered, nothing asked for");
+  t.same(c1.capabilities, []);
+  const offering = await startFakeQmp(t, () => {}, {
+    greeting: GREETING.replace('"capabilities": []', '"capabilities": ["oob", "x-future"]'),
+  });
+  const c2 = (await QmpClient.connect({ path: offering.path }, { logger: silentLogger }))._unsafeUnwrap();
+  t.teardown(() => c2.close());
+  t.same(offering.negotiations, [{ enable: ["oob"] }], "oob when offered; an unknown capability is left alone");
+  t.same(c2.capabilities, ["oob"]);
+  const declined = (await QmpClient.connect({ path: offering.path }, { logger: silentLogger, oob: false }))._unsafeUnwrap();
+  t.teardown(() => declined.close());
+  t.same(offering.negotiations.at(-1), {}, "oob: false");
 });
 
 t.test("a peer that accepts but never answers: per-command timeout", async (t) => {

@@ -24,6 +24,8 @@ export interface FakePeer {
   hangup(): void;
   /** Commands received after negotiation. */
   readonly received: FakeCommand[];
+  /** The arguments of each qmp_capabilities received. */
+  readonly negotiations: (Record<string, unknown> | undefined)[];
 }
 
 export async function startFakeQmp(
@@ -38,6 +40,7 @@ export async function startFakeQmp(
     write: (s) => conn?.write(s),
     hangup: () => conn?.destroy(),
     received: [],
+    negotiations: [],
   };
   const server = net.createServer((sock) => {
     conn = sock;
@@ -53,6 +56,7 @@ export async function startFakeQmp(
         nl = buf.indexOf("\n");
         const cmd = JSON.parse(line) as FakeCommand;
         if (cmd.execute === "qmp_capabilities") {
+          peer.negotiations.push(cmd.arguments);
           sock.write(`{"return": {}, "id": ${JSON.stringify(cmd.id)}}\r\n`);
           continue;
         }
