@@ -317,8 +317,9 @@ export class JobManager {
     const id = randomBytes(4).toString("hex");
     const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*$/, "");
     const domainDir = join(this.opts.backupDir, domain.name);
-    return parsed.andThen((def) =>
-      cpDef.andThen((cp) =>
+    return parsed.andThen((def) => {
+      const planOpts = planOptions(def.mode, domain, opts);
+      return cpDef.andThen((cp) =>
         ensureDir(domainDir)
           .andThen(() => giveDir(domainDir, domain.imageOwner))
           .andThen(() =>
@@ -332,20 +333,20 @@ export class JobManager {
                   { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
                 );
                 if (aligned.isErr()) return errAsync<BackupJob, BackupError>(aligned.error);
-                return this.validate(domain, client, aligned.value, disks, opts).andThen((plans) =>
+                return this.validate(domain, client, aligned.value, disks, planOpts).andThen((plans) =>
                   (cp === undefined
                     ? okAsync<PreparedCheckpoint | undefined, BackupError>(undefined)
                     : domain.checkpoints.prepare(cp, disks)
                   ).andThen((prepared) =>
                     this.serverPlan(domain, aligned.value).map((nbd) =>
-                      this.build(domain, client, id, aligned.value, plans, prepared, nbd, opts),
+                      this.build(domain, client, id, aligned.value, plans, prepared, nbd, planOpts, opts),
                     ),
                   ),
                 );
               }),
           ),
-      ),
-    );
+      );
+    });
   }
 
   private validate(
@@ -353,7 +354,7 @@ export class JobManager {
     client: QmpClient,
     def: BackupDef,
     disks: readonly DiskInfo[],
-    opts: BeginOptions,
+    planOpts: PlanOptions,
   ): ResultAsync<DiskPlan[], BackupError> {
     const selected = (def.disks ?? []).filter((d): d is BackupDiskDef => d.backup);
     for (const d of selected) {
@@ -367,14 +368,13 @@ export class JobManager {
     // every checkpoint an incremental starts from is checked against QEMU now
     const cpNames = [...new Set(selected.map((d) => d.incremental).filter((x): x is string => x !== undefined))];
     const checks = cpNames.map((n) => domain.checkpoints.requireValid(client, n));
-    const planOpts = planOptions(def.mode, domain, opts);
     return ResultAsync.combine(checks).andThen((cps) => {
       const checkpoints = new Map(cps.map((c) => [c.name, c]));
       const pathChecks = selected.map((d) =>
         checkBackupPath(
           d.store!.file!,
           this.opts.allowedDirs,
-          opts.reuseExternal === true,
+          planOpts.reuse,
           def.mode === "push" ? `target of disk '${d.name}'` : `scratch of disk '${d.name}'`,
         ),
       );
@@ -449,6 +449,7 @@ export class JobManager {
     plans: DiskPlan[],
     checkpoint: PreparedCheckpoint | undefined,
     nbd: NbdServerPlan | undefined,
+    planOpts: PlanOptions,
     opts: BeginOptions,
   ): BackupJob {
     // what backup-dumpxml shows: every default filled in (libvirt fills these at job start)
@@ -475,7 +476,6 @@ export class JobManager {
         };
       }),
     };
-    const planOpts = planOptions(def.mode, domain, opts);
     const log = this.log;
     return new BackupJob({
       id,
