@@ -5,7 +5,9 @@
  *     (ready includes writing the target out to disk), against `convert -t
  *     writeback` (which flushes at close); and with durable: false (ready
  *     once copied) against the default convert (cache=unsafe, never flushed);
- *   - pull full read by nbdcopy into a file, begin → copy done → end;
+ *   - pull full read by nbdcopy into a file, begin → copy done → end, also
+ *     against the same nbdcopy reading the same image from qemu-nbd (the
+ *     reader's own cost: what the daemon and QEMU's export add is the rest);
  *   - push incremental with 1% of the data dirty, against the push full.
  *   node --import tsx scripts/bench-backup.ts [--size-gib 2] [--data-gib 1] [--runs 3]
  * Goal (issue 4): push full / convert at most 1.10.
@@ -62,6 +64,7 @@ try {
   const pushFull: number[] = [];
   const pushFast: number[] = [];
   const pull: number[] = [];
+  const nbdBaseline: number[] = [];
   const pushInc: number[] = [];
   let cp = 0;
   for (let r = 0; r < RUNS; r++) {
@@ -98,6 +101,10 @@ try {
 
     const sock = join(d.backupDir, "nbd.sock");
     const copy = join(scratch, "pull.raw");
+    // baseline for the pull: the same reader, the same image, served by a qemu-nbd nbdcopy starts itself
+    const served = `driver=qcow2,force-share=on,file.driver=file,file.filename=${disk.path}`;
+    nbdBaseline.push(await timed(() => execFileP("nbdcopy", ["--", "[", "qemu-nbd", "-r", "--image-opts", served, "]", copy])));
+    rmSync(copy, { force: true });
     pull.push(
       await timed(async () => {
         (
@@ -143,7 +150,10 @@ try {
   console.log(
     `  push full, durable: false            ${f(median(pushFast))}   ratio ${paired(pushFast, convert)} vs convert (goal ≤ 1.10)`,
   );
-  console.log(`  pull full, nbdcopy to a file         ${f(median(pull))}   ratio ${paired(pull, convert)} vs convert`);
+  console.log(`  nbdcopy from qemu-nbd to a file      ${f(median(nbdBaseline))}   (baseline for the pull: the reader alone)`);
+  console.log(
+    `  pull full, nbdcopy to a file         ${f(median(pull))}   ratio ${paired(pull, nbdBaseline)} vs nbdcopy from qemu-nbd; ${paired(pull, convert)} vs convert`,
+  );
   console.log(
     `  push incremental, 1% dirty           ${f(median(pushInc))}   ${(median(pushInc) / median(pushFull)).toFixed(3)} of a push full`,
   );
