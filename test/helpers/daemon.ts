@@ -20,7 +20,13 @@ export interface RunningDaemon {
 
 export async function startDaemon(
   t: Teardown,
-  opts: { args?: string[]; dir?: string; env?: Record<string, string> } = {},
+  opts: {
+    args?: string[];
+    dir?: string;
+    env?: Record<string, string>;
+    /** The program and its first arguments (default: bin/qbackupd). */
+    command?: readonly string[];
+  } = {},
 ): Promise<RunningDaemon> {
   const dir = opts.dir ?? tempDir(t, "qbackupd-daemon-");
   const socket = join(dir, "api.sock");
@@ -28,14 +34,11 @@ export async function startDaemon(
   // an explicit (empty) configuration, so a host's /etc/qbackupd/config.json never leaks into tests
   const config = join(dir, "config.json");
   if (!existsSync(config)) writeFileSync(config, "{}\n");
-  const proc = spawn(
-    join(ROOT, "bin", "qbackupd"),
-    ["--socket", socket, "--state-dir", stateDir, "--config", config, ...(opts.args ?? [])],
-    {
-      env: { ...ENV, ...opts.env },
-      stdio: ["ignore", "pipe", "pipe"],
-    },
-  );
+  const [program, ...first] = opts.command ?? [join(ROOT, "bin", "qbackupd")];
+  const proc = spawn(program!, [...first, "--socket", socket, "--state-dir", stateDir, "--config", config, ...(opts.args ?? [])], {
+    env: { ...ENV, ...opts.env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   let out = "";
   proc.stdout?.setEncoding("utf8").on("data", (d: string) => {
     if (out.length < 1 << 20) out += d;
@@ -83,9 +86,10 @@ export interface CliResult {
   readonly stderr: string;
 }
 
-export function cli(socket: string, args: string[]): Promise<CliResult> {
+/** Run qbackup (`bin`: another copy of it, default bin/qbackup). */
+export function cli(socket: string, args: string[], bin = join(ROOT, "bin", "qbackup")): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(join(ROOT, "bin", "qbackup"), args, { env: { ...ENV, QBACKUP_SOCKET: socket } }, (err, stdout, stderr) => {
+    execFile(bin, args, { env: { ...ENV, QBACKUP_SOCKET: socket } }, (err, stdout, stderr) => {
       resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
     });
   });
