@@ -102,7 +102,8 @@ t.test("limits, errors and permissions", async (t) => {
   });
   const s0 = Date.now();
   t.match((await req(api, "GET", "/v1/health")).body, { status: "ok" });
-  t.ok(Date.now() - s0 < 1000, "served at once beside 20 stuck clients");
+  // blocked, it would wait for the stuck clients' request timeout (60 s); the bound leaves room for a loaded machine
+  t.ok(Date.now() - s0 < 10_000, `served beside 20 stuck clients (${Date.now() - s0} ms)`);
   for (const s of stuck) s.destroy();
 });
 

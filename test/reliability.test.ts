@@ -195,7 +195,8 @@ t.test("a QMP peer that hangs does not affect other domains", async (t) => {
   await connected(d, "vm");
   const s = Date.now();
   const list = await cli(d.socket, ["--json", "domain-list"]);
-  t.ok(Date.now() - s < 2000, "the API answers at once");
+  // waiting on the hung peer would take the daemon's QMP command timeout (60 s); the bound leaves room for a loaded machine
+  t.ok(Date.now() - s < 10_000, `the API answers without waiting for the hung peer (${Date.now() - s} ms)`);
   t.match(JSON.parse(list.stdout), [
     { name: "hung", state: "connecting" },
     { name: "vm", state: "connected" },
