@@ -134,7 +134,7 @@ t.test("event stream and metrics", async (t) => {
   await connected(api, ["ev"]);
   t.equal((await req(api, "POST", "/v1/domains/ev/backup", {})).status, 201);
   t.equal(((await req(api, "GET", "/v1/domains/ev/backup/wait?timeout=30")).body as { state: string }).state, "ready");
-  for (let i = 0; i < 50 && !events.some((e) => e.type === "ended"); i++) await new Promise((r) => setTimeout(r, 20));
+  for (let i = 0; i < 500 && !events.some((e) => e.type === "ended"); i++) await new Promise((r) => setTimeout(r, 20));
   t.same(
     events.map((e) => e.type).filter((x) => x !== "progress"),
     ["hello", "connected", "started", "ready", "ended"],
