@@ -53,7 +53,7 @@ try {
   const writes: string[] = [];
   for (let i = 0; i < extents; i++) writes.push("-c", `write -P ${(i % 250) + 1} ${i * stride} ${4 * MiB}`);
   await execFileP("qemu-io", ["-f", "qcow2", ...writes, image], { maxBuffer: 64 * MiB });
-  const d = await testDomain(cleanup, "bench", [], undefined, [image]);
+  const d = await testDomain(cleanup, "bench", [], undefined, { images: [image] });
   const jm = jobManager(d.backupDir);
   const disk = d.vm.disks[0]!;
   const scratch = tempDir(cleanup, "qbk-bench-");

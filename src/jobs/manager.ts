@@ -10,13 +10,15 @@ import { chown } from "node:fs/promises";
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import { withFrozenGuest } from "../agent/quiesce.js";
-import { fromAgent } from "../checkpoints/errors.js";
+import { fromAgent, fromQmp } from "../checkpoints/errors.js";
 import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
 import { type BackupDef, type BackupDiskDef, backupDefAlign, backupDefParse } from "../conf/backup.js";
 import { type CheckpointDef, checkpointDefParse } from "../conf/checkpoint.js";
 import type { Logger } from "../log.js";
+import { formatVersion, versionAtLeast } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
+import { disksInIothreads, IOTHREAD_PULL_MIN_VERSION } from "../qmp/iothreads.js";
 import { ensureDir, type IoError, ioError } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
@@ -87,6 +89,25 @@ function planOptions(mode: BackupDef["mode"], domain: BackupDomain, opts: BeginO
     ...(opts.durable === false ? { nonDurable: true } : {}),
     ...(domain.imageOwner !== undefined ? { imageOwner: { ...domain.imageOwner } } : {}),
   };
+}
+
+/** A pull from disks in iothreads aborts QEMU before IOTHREAD_PULL_MIN_VERSION (see qmp/iothreads.ts): refuse it. */
+function refuseIothreadPull(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<void, BackupError> {
+  const v = client.version.qemu;
+  if (versionAtLeast(v, IOTHREAD_PULL_MIN_VERSION)) return okAsync(undefined);
+  return disksInIothreads(client, disks)
+    .mapErr((e): BackupError => fromQmp("cannot tell which disks run in iothreads", e))
+    .andThen((found) => {
+      if (found.length === 0) return okAsync<void, BackupError>(undefined);
+      const which = found.map((d) => `'${d.disk}' (${d.iothread ?? "maybe: QEMU has iothreads and this device does not say"})`);
+      return errAsync<void, BackupError>({
+        code: "unsupported",
+        message:
+          `pull backups of disks in an iothread are refused on QEMU ${formatVersion(v)}, which aborts on them ` +
+          `(a fleecing image backed by such a disk; an NBD client leaving its export). In an iothread: ${which.join(", ")}. ` +
+          `Use a push backup (QEMU ${formatVersion(IOTHREAD_PULL_MIN_VERSION)} and newer are not refused)`,
+      });
+    });
 }
 
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "::1", "ip6-localhost"]);
@@ -368,39 +389,43 @@ export class JobManager {
     // every checkpoint an incremental starts from is checked against QEMU now
     const cpNames = [...new Set(selected.map((d) => d.incremental).filter((x): x is string => x !== undefined))];
     const checks = cpNames.map((n) => domain.checkpoints.requireValid(client, n));
-    return ResultAsync.combine(checks).andThen((cps) => {
-      const checkpoints = new Map(cps.map((c) => [c.name, c]));
-      const pathChecks = selected.map((d) =>
-        checkBackupPath(
-          d.store!.file!,
-          this.opts.allowedDirs,
-          planOpts.reuse,
-          def.mode === "push" ? `target of disk '${d.name}'` : `scratch of disk '${d.name}'`,
-        ),
-      );
-      return ResultAsync.combine(pathChecks).andThen((paths) => {
-        const plans: DiskPlan[] = [];
-        const seen = new Set<string>();
-        for (const [i, d] of selected.entries()) {
-          const p = paths[i]!;
-          if (seen.has(p.path))
-            return errAsync<never, BackupError>({ code: "path-refused", message: `two disks would write to ${p.path}` });
-          seen.add(p.path);
-          const source = disks.find((x) => x.name === d.name)!;
-          if (d.backupmode === "incremental" && source.format !== "qcow2") {
-            return errAsync<never, BackupError>({
-              code: "unsupported-disk",
-              message: `disk '${d.name}' is ${source.format}: incremental backups need qcow2 bitmaps`,
-            });
+    const sources = selected.map((d) => disks.find((x) => x.name === d.name)!);
+    const iothreadsOk = def.mode === "pull" ? refuseIothreadPull(client, sources) : okAsync(undefined);
+    return iothreadsOk
+      .andThen(() => ResultAsync.combine(checks))
+      .andThen((cps) => {
+        const checkpoints = new Map(cps.map((c) => [c.name, c]));
+        const pathChecks = selected.map((d) =>
+          checkBackupPath(
+            d.store!.file!,
+            this.opts.allowedDirs,
+            planOpts.reuse,
+            def.mode === "push" ? `target of disk '${d.name}'` : `scratch of disk '${d.name}'`,
+          ),
+        );
+        return ResultAsync.combine(pathChecks).andThen((paths) => {
+          const plans: DiskPlan[] = [];
+          const seen = new Set<string>();
+          for (const [i, d] of selected.entries()) {
+            const p = paths[i]!;
+            if (seen.has(p.path))
+              return errAsync<never, BackupError>({ code: "path-refused", message: `two disks would write to ${p.path}` });
+            seen.add(p.path);
+            const source = disks.find((x) => x.name === d.name)!;
+            if (d.backupmode === "incremental" && source.format !== "qcow2") {
+              return errAsync<never, BackupError>({
+                code: "unsupported-disk",
+                message: `disk '${d.name}' is ${source.format}: incremental backups need qcow2 bitmaps`,
+              });
+            }
+            const withPath: BackupDiskDef = { ...d, store: { ...d.store!, file: p.path } };
+            const plan = planDisk(i, withPath, source, checkpoints, planOpts, p.exists);
+            if (typeof plan === "string") return errAsync<never, BackupError>({ code: "xml-invalid", message: plan });
+            plans.push(plan);
           }
-          const withPath: BackupDiskDef = { ...d, store: { ...d.store!, file: p.path } };
-          const plan = planDisk(i, withPath, source, checkpoints, planOpts, p.exists);
-          if (typeof plan === "string") return errAsync<never, BackupError>({ code: "xml-invalid", message: plan });
-          plans.push(plan);
-        }
-        return okAsync(plans);
+          return okAsync(plans);
+        });
       });
-    });
   }
 
   private serverPlan(domain: BackupDomain, def: BackupDef): ResultAsync<NbdServerPlan | undefined, BackupError> {

@@ -250,6 +250,9 @@ export interface QmpCommandMap {
   "block-job-set-speed": { args: { device: string; speed: number }; ret: Record<string, never> };
   "block-job-cancel": { args: { device: string; force?: boolean }; ret: Record<string, never> };
   "query-jobs": { args: NoArgs; ret: JobInfo[] };
+  "qom-list": { args: { path: string }; ret: { name: string; type: string }[] };
+  /** A QOM property's value; its type depends on the property. */
+  "qom-get": { args: { path: string; property: string }; ret: unknown };
   "job-cancel": { args: { id: string }; ret: Record<string, never> };
   "job-dismiss": { args: { id: string }; ret: Record<string, never> };
   "job-finalize": { args: { id: string }; ret: Record<string, never> };

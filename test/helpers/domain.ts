@@ -7,7 +7,16 @@ import type { BackupDomain } from "../../src/jobs/manager.js";
 import { JobManager } from "../../src/jobs/manager.js";
 import type { WritebackPump } from "../../src/jobs/writeback.js";
 import { probeCapabilities, QmpClient } from "../../src/qmp/index.js";
-import { type DiskSpec, type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./qemu.js";
+import {
+  type DiskSpec,
+  type QemuProcess,
+  silentLogger,
+  startStorageDaemon,
+  startVm,
+  type Teardown,
+  tempDir,
+  type VmOptions,
+} from "./qemu.js";
 
 export interface TestDomain {
   readonly vm: QemuProcess;
@@ -23,10 +32,11 @@ export async function testDomain(
   name: string,
   disks: readonly DiskSpec[],
   backupRoot?: string,
-  /** Existing images to attach instead of creating `disks`. */
-  images?: readonly string[],
+  /** More for the VM: existing `images` to attach instead of creating `disks`, extra arguments; or a qemu-storage-daemon instead. */
+  vmOpts: Omit<VmOptions, "disks"> & { storageDaemon?: boolean } = {},
 ): Promise<TestDomain> {
-  const vm = await startVm(t, images ? { images } : { disks });
+  const { storageDaemon, ...rest } = vmOpts;
+  const vm = storageDaemon ? await startStorageDaemon(t, { ...rest, disks }) : await startVm(t, rest.images ? rest : { ...rest, disks });
   const client = (await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
   t.teardown(() => client.close());
   const caps = (await probeCapabilities(client))._unsafeUnwrap();

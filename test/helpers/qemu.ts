@@ -7,7 +7,7 @@
  * process dies first.
  */
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { chmodSync, chownSync, existsSync, mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -44,6 +44,8 @@ export interface DiskSpec {
   readonly size?: string;
   readonly format?: "qcow2" | "raw";
   readonly clusterSize?: number;
+  /** Give the virtio-blk device this iothread (startVm creates the iothread object). */
+  readonly iothread?: string;
 }
 
 export interface TestDisk {
@@ -53,6 +55,8 @@ export interface TestDisk {
   readonly format: "qcow2" | "raw";
   /** qdev path of the guest device's block backend (for qemu-io -d). */
   readonly qdev: string;
+  /** qemu-storage-daemon with `iothreads`: the disk as a file (a FUSE export), where the "guest" writes. */
+  readonly fuse?: string;
 }
 
 export interface QemuProcess {
@@ -92,6 +96,14 @@ export interface VmOptions {
   readonly images?: readonly string[];
   readonly dir?: string;
   readonly extraArgs?: readonly string[];
+  /**
+   * qemu-storage-daemon only: each disk in an iothread of its own, as a
+   * production storage daemon serving vhost-user-blk runs it. The node is
+   * moved there by a FUSE export in that iothread, which is also where the
+   * test writes as the guest would (a VM without a guest never starts
+   * virtio-blk's dataplane, so its disks stay in the main loop).
+   */
+  readonly iothreads?: boolean;
   /** Run QEMU as this user (setpriv; root only): its directory and images are given to it. */
   readonly runAs?: { readonly uid: number; readonly gid: number };
 }
@@ -147,6 +159,10 @@ async function finish(
     async write(disk, pattern, offset, length) {
       const d = disks[disk];
       if (d === undefined) throw new Error(`no disk ${disk}`);
+      if (d.fuse !== undefined) {
+        await execFileP("qemu-io", ["-f", "raw", "-c", `write -P ${pattern} ${offset} ${length}`, d.fuse]);
+        return;
+      }
       const r = await qemuIoDevice(monitor, d.qdev, `write -P ${pattern} ${offset} ${length}`);
       if (r.isErr()) throw new Error(`guest write failed: ${qmpErrorMessage(r.error)}`);
     },
@@ -176,10 +192,11 @@ export async function startVm(t: Teardown, opts: VmOptions = {}): Promise<QemuPr
       "-blockdev",
       JSON.stringify({ "node-name": node, driver: format, file: { driver: "file", filename: path } }),
       "-device",
-      `virtio-blk-pci,drive=${node},id=${id}`,
+      `virtio-blk-pci,drive=${node},id=${id}${spec.iothread ? `,iothread=${spec.iothread}` : ""}`,
     );
     disks.push({ id, node, path, format, qdev: `/machine/peripheral/${id}/virtio-backend` });
   }
+  for (const io of new Set(specs.map((s) => s.iothread).filter((x) => x !== undefined))) args.push("-object", `iothread,id=${io}`);
   const qmpPath = join(dir, "qmp.sock");
   const testPath = join(dir, "test-qmp.sock");
   args.push("-qmp", `unix:${qmpPath},server=on,wait=off`, "-qmp", `unix:${testPath},server=on,wait=off`, ...(opts.extraArgs ?? []));
@@ -206,7 +223,15 @@ export async function startStorageDaemon(t: Teardown, opts: VmOptions = {}): Pro
     const path = join(dir, `${node}.${format}`);
     await createImage(path, spec.size ?? "64M", format);
     args.push("--blockdev", JSON.stringify({ "node-name": node, driver: format, file: { driver: "file", filename: path } }));
-    disks.push({ id: node, node, path, format, qdev: "" });
+    if (opts.iothreads) {
+      const fuse = join(dir, `${node}.fuse`);
+      writeFileSync(fuse, "");
+      args.push("--object", `iothread,id=io${i}`);
+      args.push("--export", `type=fuse,id=guest${i},node-name=${node},mountpoint=${fuse},writable=on,iothread=io${i}`);
+      disks.push({ id: node, node, path, format, qdev: "", fuse });
+    } else {
+      disks.push({ id: node, node, path, format, qdev: "" });
+    }
   }
   const qmpPath = join(dir, "qmp.sock");
   const testPath = join(dir, "test-qmp.sock");
@@ -220,7 +245,18 @@ export async function startStorageDaemon(t: Teardown, opts: VmOptions = {}): Pro
     "--monitor",
     "chardev=m1",
   );
-  return finish(t, dir, qmpPath, testPath, disks, spawnQemu(t, "qemu-storage-daemon", args));
+  const spawned = spawnQemu(t, "qemu-storage-daemon", args);
+  if (opts.iothreads) {
+    // runs before spawnQemu's SIGKILL: a killed daemon would leave its FUSE mounts behind, and its directory could not be removed
+    t.teardown(async () => {
+      if (spawned.proc.exitCode === null && spawned.proc.signalCode === null) {
+        spawned.proc.kill("SIGTERM");
+        await spawned.exited;
+      }
+      for (const d of disks) await execFileP("umount", ["-l", d.fuse!]).catch(() => {});
+    });
+  }
+  return finish(t, dir, qmpPath, testPath, disks, spawned);
 }
 
 /** `qemu-img compare`: true when the guest-visible contents are identical. */
