@@ -49,6 +49,20 @@ t.test("push full and incremental of disks in iothreads", async (t) => {
   const inc = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
   t.equal(inc.state, "ready", inc.error ?? "");
   for (const x of inc.disks) t.same(await allocatedRanges(x.file), [], `${x.name}: nothing changed since c1, nothing copied`);
+  // checkpoints on their own: create, then delete one in the middle (its bitmap merged into its child's)
+  (await d.checkpoints.create(d.client, "<domaincheckpoint><name>c3</name></domaincheckpoint>"))._unsafeUnwrap();
+  t.same((await d.checkpoints.delete(d.client, "c2"))._unsafeUnwrap(), ["c2"]);
+  (await d.checkpoints.requireValid(d.client, "c3"))._unsafeUnwrap();
+  const nodes = (await d.client.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
+  const bitmaps = (node: string) => (nodes.find((n) => n["node-name"] === node)?.["dirty-bitmaps"] ?? []).map((b) => b.name).sort();
+  t.same(
+    [bitmaps("disk0"), bitmaps("disk1")],
+    [
+      ["c1", "c3"],
+      ["c1", "c3"],
+    ],
+    "c2's bitmaps gone from both disks",
+  );
   t.same(await ours(d), [], "nothing left in QEMU");
   t.ok(alive(d), "QEMU runs");
 });
