@@ -15,7 +15,7 @@ import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges } from "./helpers/backup.js";
 import { jobManager, leftovers, type TestDomain, testDomain } from "./helpers/domain.js";
-import { rangeHolds, type Teardown } from "./helpers/qemu.js";
+import { createImage, rangeHolds, type Teardown, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
 const DISKS = [{ size: "16M" }, { size: "16M" }];
@@ -80,16 +80,41 @@ t.test("a pull of disks in iothreads is refused on QEMU 7.2, before QEMU is touc
   t.ok(alive(d), "QEMU runs");
 });
 
-t.test("a VM: refused for the disk whose device names an iothread, allowed for the other", async (t) => {
-  const d = await testDomain(t, "vm1", [{ size: "16M", iothread: "io0" }, { size: "16M" }]);
+t.test("a VM: refused for disks whose device or controller names an iothread, allowed for the others", async (t) => {
+  const dir = tempDir(t);
+  const scsi: string[] = [];
+  for (const [id, controller] of [
+    ["sda", "scsi0"],
+    ["sdb", "scsi1"],
+  ] as const) {
+    const img = join(dir, `${id}.qcow2`);
+    await createImage(img, "16M");
+    const node = { "node-name": `drive-${id}`, driver: "qcow2", file: { driver: "file", filename: img } };
+    scsi.push("-blockdev", JSON.stringify(node), "-device", `scsi-hd,drive=drive-${id},bus=${controller}.0,id=${id}`);
+  }
+  const d = await testDomain(t, "vm1", [{ size: "16M", iothread: "io0" }, { size: "16M" }], undefined, {
+    extraArgs: [
+      "-object",
+      "iothread,id=io9",
+      "-device",
+      "virtio-scsi-pci,id=scsi0,iothread=io9",
+      "-device",
+      "virtio-scsi-pci,id=scsi1",
+      ...scsi,
+    ],
+  });
   const jm = jobManager(d.backupDir);
   const e = (await jm.begin(d.domain, pullXml(d), undefined))._unsafeUnwrapErr();
-  t.equal(e.code, "unsupported");
-  t.match(e.message, /In an iothread: 'vda' \(\/objects\/io0\)\./);
+  t.equal(e.code, "unsupported", e.message);
+  t.match(
+    e.message,
+    /In an iothread: 'vda' \(\/objects\/io0\), 'sda' \(\/objects\/io9\)\./,
+    "virtio-blk's own iothread; virtio-scsi's controller's",
+  );
   await d.vm.write(1, 0x41, 0, MiB);
   const sock = join(d.backupDir, "nbd.sock");
-  const only = `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/><disks><disk name='vda' backup='no'/><disk name='vdb'/></disks></domainbackup>`;
-  const info = (await jm.begin(d.domain, only, undefined))._unsafeUnwrap();
+  const others = `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/><disks><disk name='vdb'/><disk name='sdb'/></disks></domainbackup>`;
+  const info = (await jm.begin(d.domain, others, undefined))._unsafeUnwrap();
   t.equal(info.state, "ready", info.error ?? "");
   t.ok(await rangeHolds(`nbd+unix:///vdb?socket=${sock}`, "raw", 0x41, 0, MiB), "vdb served");
   (await jm.end("vm1"))._unsafeUnwrap();

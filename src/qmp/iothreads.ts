@@ -29,26 +29,38 @@ export interface IothreadDisk {
 
 /**
  * Disks that run, or may run, in an iothread. None when QEMU has no
- * iothread. A virtio-blk device says which iothread it was given (its
- * `iothread` link); for any other device, and for a node no device uses
- * (qemu-storage-daemon, where an export may have moved it), we cannot tell,
- * and such a disk counts as maybe.
+ * iothread. A device says which iothread it was given (virtio-blk's own
+ * `iothread` link), or its controller does (virtio-scsi's, found through the
+ * device's `parent_bus`). A disk whose device says neither, or that no device
+ * uses (qemu-storage-daemon, where an export may have moved it), counts as
+ * maybe.
  */
 export function disksInIothreads(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<IothreadDisk[], QmpError> {
   // qom-list rather than query-iothreads, which qemu-storage-daemon lacks
   return client.execute("qom-list", { path: "/objects" }).andThen((objects) => {
-    const threads = objects.filter((o) => o.type === "child<iothread>");
-    if (threads.length === 0) return okAsync<IothreadDisk[], QmpError>([]);
+    if (!objects.some((o) => o.type === "child<iothread>")) return okAsync<IothreadDisk[], QmpError>([]);
     return ResultAsync.combine(
       disks.map((d) =>
-        d.qdev === undefined
-          ? okAsync<IothreadDisk | undefined, QmpError>({ disk: d.name, iothread: undefined })
-          : client
-              .execute("qom-get", { path: d.qdev, property: "iothread" })
-              .map((v): IothreadDisk | undefined => (typeof v === "string" && v !== "" ? { disk: d.name, iothread: v } : undefined))
-              // no such property: not a virtio-blk device; its iothread, if any, is its controller's
-              .orElse(() => okAsync({ disk: d.name, iothread: undefined })),
+        (d.qdev === undefined ? okAsync<string | undefined, QmpError>(undefined) : iothreadOf(client, d.qdev)).map((thread) =>
+          thread === "" ? undefined : { disk: d.name, iothread: thread },
+        ),
       ),
     ).map((xs) => xs.filter((x): x is IothreadDisk => x !== undefined));
+  });
+}
+
+/** The iothread a device runs in: its QOM path, "" for the main loop, undefined when neither it nor its controller says. */
+function iothreadOf(client: QmpClient, qdev: string): ResultAsync<string | undefined, QmpError> {
+  const link = (path: string) =>
+    client
+      .execute("qom-get", { path, property: "iothread" })
+      .map((v) => (typeof v === "string" ? v : undefined))
+      .orElse(() => okAsync<string | undefined, QmpError>(undefined));
+  return link(qdev).andThen((own) => {
+    if (own !== undefined) return okAsync(own);
+    return client
+      .execute("qom-get", { path: qdev, property: "parent_bus" })
+      .andThen((bus) => (typeof bus === "string" && bus.includes("/") ? link(bus.slice(0, bus.lastIndexOf("/"))) : okAsync(undefined)))
+      .orElse(() => okAsync<string | undefined, QmpError>(undefined));
   });
 }
