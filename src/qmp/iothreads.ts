@@ -12,7 +12,7 @@
  *     such a disk would.
  * A push backup of the same disks runs fine. Read-only; changes nothing.
  */
-import { okAsync, ResultAsync } from "neverthrow";
+import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { QmpClient } from "./client.js";
 import type { DiskInfo } from "./disks.js";
 import type { QmpError } from "./errors.js";
@@ -36,8 +36,12 @@ export interface IothreadDisk {
  * maybe.
  */
 export function disksInIothreads(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<IothreadDisk[], QmpError> {
-  // qom-list rather than query-iothreads, which qemu-storage-daemon lacks
-  return client.execute("qom-list", { path: "/objects" }).andThen((objects) => {
+  // qom-list rather than query-iothreads, which qemu-storage-daemon lacks;
+  // a qemu-storage-daemon started without any --object has no /objects at all
+  const objects = client
+    .execute("qom-list", { path: "/objects" })
+    .orElse((e) => (e.code === "command" && e.errorClass === "DeviceNotFound" ? okAsync<{ type: string }[], QmpError>([]) : errAsync(e)));
+  return objects.andThen((objects) => {
     if (!objects.some((o) => o.type === "child<iothread>")) return okAsync<IothreadDisk[], QmpError>([]);
     return ResultAsync.combine(
       disks.map((d) =>
