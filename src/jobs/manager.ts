@@ -18,7 +18,8 @@ import type { Logger } from "../log.js";
 import { formatVersion, versionAtLeast } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
-import { disksInIothreads, IOTHREAD_PULL_MIN_VERSION } from "../qmp/iothreads.js";
+import type { QmpError } from "../qmp/errors.js";
+import { disksInIothreads, disksWithFuseExports, IOTHREAD_SAFE_MIN_VERSION, type IothreadDisk } from "../qmp/iothreads.js";
 import { ensureDir, type IoError, ioError } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
@@ -91,21 +92,30 @@ function planOptions(mode: BackupDef["mode"], domain: BackupDomain, opts: BeginO
   };
 }
 
-/** A pull from disks in iothreads aborts QEMU before IOTHREAD_PULL_MIN_VERSION (see qmp/iothreads.ts): refuse it. */
-function refuseIothreadPull(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<void, BackupError> {
+/**
+ * Refuse what aborts QEMU before IOTHREAD_SAFE_MIN_VERSION (see
+ * qmp/iothreads.ts): a pull of a disk in an iothread; a push of one that a
+ * FUSE export serves from an iothread.
+ */
+function refuseIothreadHazards(client: QmpClient, mode: BackupDef["mode"], disks: readonly DiskInfo[]): ResultAsync<void, BackupError> {
   const v = client.version.qemu;
-  if (versionAtLeast(v, IOTHREAD_PULL_MIN_VERSION)) return okAsync(undefined);
-  return disksInIothreads(client, disks)
+  if (versionAtLeast(v, IOTHREAD_SAFE_MIN_VERSION)) return okAsync(undefined);
+  const candidates = mode === "pull" ? okAsync<DiskInfo[], QmpError>([...disks]) : disksWithFuseExports(client, disks);
+  return candidates
+    .andThen((c) => (c.length === 0 ? okAsync<IothreadDisk[], QmpError>([]) : disksInIothreads(client, c)))
     .mapErr((e): BackupError => fromQmp("cannot tell which disks run in iothreads", e))
     .andThen((found) => {
       if (found.length === 0) return okAsync<void, BackupError>(undefined);
       const which = found.map((d) => `'${d.disk}' (${d.iothread ?? "maybe: QEMU has iothreads and this device does not say"})`);
+      const why =
+        mode === "pull"
+          ? `pull backups of disks in an iothread are refused on QEMU ${formatVersion(v)}, which aborts on them ` +
+            "(a fleecing image backed by such a disk; an NBD client leaving its export). In an iothread: "
+          : `push backups of disks a FUSE export serves from an iothread are refused on QEMU ${formatVersion(v)}: ` +
+            "after a block job the export's next write aborts QEMU. Served by FUSE, in an iothread: ";
       return errAsync<void, BackupError>({
         code: "unsupported",
-        message:
-          `pull backups of disks in an iothread are refused on QEMU ${formatVersion(v)}, which aborts on them ` +
-          `(a fleecing image backed by such a disk; an NBD client leaving its export). In an iothread: ${which.join(", ")}. ` +
-          `Use a push backup (QEMU ${formatVersion(IOTHREAD_PULL_MIN_VERSION)} and newer are not refused)`,
+        message: `${why}${which.join(", ")}. ${mode === "pull" ? "Use a push backup" : "Remove the FUSE export first"} (QEMU ${formatVersion(IOTHREAD_SAFE_MIN_VERSION)} and newer are not refused)`,
       });
     });
 }
@@ -390,7 +400,7 @@ export class JobManager {
     const cpNames = [...new Set(selected.map((d) => d.incremental).filter((x): x is string => x !== undefined))];
     const checks = cpNames.map((n) => domain.checkpoints.requireValid(client, n));
     const sources = selected.map((d) => disks.find((x) => x.name === d.name)!);
-    const iothreadsOk = def.mode === "pull" ? refuseIothreadPull(client, sources) : okAsync(undefined);
+    const iothreadsOk = refuseIothreadHazards(client, def.mode, sources);
     return iothreadsOk
       .andThen(() => ResultAsync.combine(checks))
       .andThen((cps) => {

@@ -97,13 +97,15 @@ export interface VmOptions {
   readonly dir?: string;
   readonly extraArgs?: readonly string[];
   /**
-   * qemu-storage-daemon only: each disk in an iothread of its own, as a
-   * production storage daemon serving vhost-user-blk runs it. The node is
-   * moved there by a FUSE export in that iothread, which is also where the
-   * test writes as the guest would (a VM without a guest never starts
-   * virtio-blk's dataplane, so its disks stay in the main loop).
+   * qemu-storage-daemon only: each disk in an iothread of its own, moved
+   * there by an export in that iothread: "vhost-user-blk" as a production
+   * storage daemon serves a VM (nothing connects; no guest writes), or
+   * "fuse", a file where the test writes as a guest would. (A VM without a
+   * guest never starts virtio-blk's dataplane: its disks stay in the main loop.)
    */
-  readonly iothreads?: boolean;
+  readonly iothreads?: "fuse" | "vhost-user-blk";
+  /** qemu-storage-daemon only: called with each new image before the daemon opens it (to write data offline). */
+  readonly prepare?: (image: string, index: number) => Promise<unknown>;
   /** Run QEMU as this user (setpriv; root only): its directory and images are given to it. */
   readonly runAs?: { readonly uid: number; readonly gid: number };
 }
@@ -159,6 +161,8 @@ async function finish(
     async write(disk, pattern, offset, length) {
       const d = disks[disk];
       if (d === undefined) throw new Error(`no disk ${disk}`);
+      if (d.qdev === "" && d.fuse === undefined)
+        throw new Error(`disk ${disk}: no way to write as the guest (a storage daemon without a FUSE export)`);
       if (d.fuse !== undefined) {
         await execFileP("qemu-io", ["-f", "raw", "-c", `write -P ${pattern} ${offset} ${length}`, d.fuse]);
         return;
@@ -222,13 +226,19 @@ export async function startStorageDaemon(t: Teardown, opts: VmOptions = {}): Pro
     const format = spec.format ?? "qcow2";
     const path = join(dir, `${node}.${format}`);
     await createImage(path, spec.size ?? "64M", format);
+    await opts.prepare?.(path, i);
     args.push("--blockdev", JSON.stringify({ "node-name": node, driver: format, file: { driver: "file", filename: path } }));
-    if (opts.iothreads) {
+    if (opts.iothreads === "fuse") {
       const fuse = join(dir, `${node}.fuse`);
       writeFileSync(fuse, "");
       args.push("--object", `iothread,id=io${i}`);
       args.push("--export", `type=fuse,id=guest${i},node-name=${node},mountpoint=${fuse},writable=on,iothread=io${i}`);
       disks.push({ id: node, node, path, format, qdev: "", fuse });
+    } else if (opts.iothreads === "vhost-user-blk") {
+      args.push("--object", `iothread,id=io${i}`);
+      const addr = `addr.type=unix,addr.path=${join(dir, `${node}.vhost`)}`;
+      args.push("--export", `type=vhost-user-blk,id=guest${i},node-name=${node},${addr},writable=on,iothread=io${i}`);
+      disks.push({ id: node, node, path, format, qdev: "" });
     } else {
       disks.push({ id: node, node, path, format, qdev: "" });
     }
@@ -246,7 +256,7 @@ export async function startStorageDaemon(t: Teardown, opts: VmOptions = {}): Pro
     "chardev=m1",
   );
   const spawned = spawnQemu(t, "qemu-storage-daemon", args);
-  if (opts.iothreads) {
+  if (opts.iothreads === "fuse") {
     // runs before spawnQemu's SIGKILL: a killed daemon would leave its FUSE mounts behind, and its directory could not be removed
     t.teardown(async () => {
       if (spawned.proc.exitCode === null && spawned.proc.signalCode === null) {
