@@ -71,6 +71,18 @@ t.test("push full and incremental, checkpoints, of disks in iothreads", async (t
   t.ok(alive(d), "QEMU runs");
 });
 
+t.test("abort mid-push of disks in iothreads: cancelled, nothing left, QEMU runs", async (t) => {
+  const d = await served(t);
+  const jm = jobManager(d.backupDir);
+  (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>x1</name></domaincheckpoint>", { bandwidth: 64 * 1024 }))._unsafeUnwrap();
+  const ended = (await jm.end("vm1"))._unsafeUnwrap();
+  t.equal(ended.state, "cancelled");
+  t.notOk(d.checkpoints.store.get("x1"), "no checkpoint claims it");
+  t.same(await ours(d), []);
+  t.same(readdirSync(join(d.backupDir, "vm1")), [], "partial targets removed");
+  t.ok(alive(d), "QEMU runs");
+});
+
 t.test("a pull of disks in iothreads is refused on QEMU 7.2, before QEMU is touched", async (t) => {
   const d = await served(t);
   const jm = jobManager(d.backupDir);
