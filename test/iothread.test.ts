@@ -11,23 +11,23 @@
  * in the main loop whatever their device says; there the refusal follows the
  * device's configuration.
  */
-import { readdirSync } from "node:fs";
+import { readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges } from "./helpers/backup.js";
+import { addDomain, cli, startDaemon } from "./helpers/daemon.js";
 import { jobManager, leftovers, type TestDomain, testDomain } from "./helpers/domain.js";
-import { createImage, execFileP, rangeHolds, type Teardown, tempDir } from "./helpers/qemu.js";
+import { createImage, execFileP, rangeHolds, startStorageDaemon, type Teardown, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
 const DISKS = [{ size: "16M" }, { size: "16M" }];
 
 /** A storage daemon serving its disks as vhost-user-blk from iothreads, with data written before it opened them. */
-const served = (t: Teardown): Promise<TestDomain> =>
-  testDomain(t, "vm1", DISKS, undefined, {
-    storageDaemon: true,
-    iothreads: "vhost-user-blk",
-    prepare: (image, i) => execFileP("qemu-io", ["-f", "qcow2", "-c", `write -P ${0x11 + i} ${i * MiB} ${2 * MiB}`, image]),
-  });
+const servedOpts = {
+  iothreads: "vhost-user-blk",
+  prepare: (image: string, i: number) => execFileP("qemu-io", ["-f", "qcow2", "-c", `write -P ${0x11 + i} ${i * MiB} ${2 * MiB}`, image]),
+} as const;
+const served = (t: Teardown): Promise<TestDomain> => testDomain(t, "vm1", DISKS, undefined, { storageDaemon: true, ...servedOpts });
 /** leftovers() but for the exports the storage daemon serves its "guest" with. */
 const ours = async (d: TestDomain) => (await leftovers(d.client)).filter((x) => !/^export guest\d$/.test(x));
 const alive = (d: TestDomain) => d.vm.proc.exitCode === null && d.vm.proc.signalCode === null;
@@ -94,6 +94,22 @@ t.test("a pull of disks in iothreads is refused on QEMU 7.2, before QEMU is touc
   t.same(readdirSync(join(d.backupDir, "vm1")), [], "no scratch file");
   t.notOk(d.checkpoints.store.get("p1"), "no checkpoint");
   t.ok(alive(d), "QEMU runs");
+});
+
+t.test("through the daemon and CLI: the pull is refused with exit code 2 and the reason; a push runs", async (t) => {
+  // the daemon is the QMP socket's only client here
+  const qsd = await startStorageDaemon(t, { disks: DISKS, ...servedOpts });
+  const daemon = await startDaemon(t);
+  await addDomain(daemon, "qsd", qsd.qmpPath);
+  const xml = join(qsd.dir, "pull.xml");
+  writeFileSync(xml, `<domainbackup mode='pull'><server transport='unix' socket='${join(daemon.stateDir, "backups", "nbd.sock")}'/></domainbackup>`);
+  const refused = await cli(daemon.socket, ["backup-begin", "qsd", xml]);
+  t.equal(refused.code, 2, "exit code 2: refused as unsupported");
+  t.match(refused.stderr, /pull backups of disks in an iothread are refused on QEMU 7\.2/);
+  t.equal((await cli(daemon.socket, ["backup-begin", "qsd"])).code, 0);
+  const waited = await cli(daemon.socket, ["wait", "qsd", "--timeout", "60"]);
+  t.equal(waited.code, 0, waited.stderr);
+  t.ok(qsd.proc.exitCode === null && qsd.proc.signalCode === null, "QEMU runs");
 });
 
 t.test("a push of disks a FUSE export serves from an iothread is refused on QEMU 7.2; the guest keeps writing", async (t) => {
