@@ -102,7 +102,10 @@ t.test("through the daemon and CLI: the pull is refused with exit code 2 and the
   const daemon = await startDaemon(t);
   await addDomain(daemon, "qsd", qsd.qmpPath);
   const xml = join(qsd.dir, "pull.xml");
-  writeFileSync(xml, `<domainbackup mode='pull'><server transport='unix' socket='${join(daemon.stateDir, "backups", "nbd.sock")}'/></domainbackup>`);
+  writeFileSync(
+    xml,
+    `<domainbackup mode='pull'><server transport='unix' socket='${join(daemon.stateDir, "backups", "nbd.sock")}'/></domainbackup>`,
+  );
   const refused = await cli(daemon.socket, ["backup-begin", "qsd", xml]);
   t.equal(refused.code, 2, "exit code 2: refused as unsupported");
   t.match(refused.stderr, /pull backups of disks in an iothread are refused on QEMU 7\.2/);
