@@ -36,7 +36,7 @@ export async function testDomain(
   vmOpts: Omit<VmOptions, "disks"> & { storageDaemon?: boolean } = {},
 ): Promise<TestDomain> {
   const { storageDaemon, ...rest } = vmOpts;
-  const vm = storageDaemon ? await startStorageDaemon(t, { ...rest, disks }) : await startVm(t, rest.images ? rest : { ...rest, disks });
+  const vm = await (storageDaemon ? startStorageDaemon : startVm)(t, rest.images ? rest : { ...rest, disks });
   const client = (await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
   t.teardown(() => client.close());
   const caps = (await probeCapabilities(client))._unsafeUnwrap();

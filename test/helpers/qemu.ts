@@ -218,15 +218,17 @@ export async function startVm(t: Teardown, opts: VmOptions = {}): Promise<QemuPr
 /** qemu-storage-daemon with N qcow2 nodes (no guest devices; disks are named by node-name). */
 export async function startStorageDaemon(t: Teardown, opts: VmOptions = {}): Promise<QemuProcess> {
   const dir = opts.dir ?? tempDir(t);
-  const specs = opts.disks ?? [{}];
+  const specs: readonly DiskSpec[] = opts.images?.map(() => ({})) ?? opts.disks ?? [{}];
   const args: string[] = [];
   const disks: TestDisk[] = [];
   for (const [i, spec] of specs.entries()) {
     const node = `disk${i}`;
     const format = spec.format ?? "qcow2";
-    const path = join(dir, `${node}.${format}`);
-    await createImage(path, spec.size ?? "64M", format);
-    await opts.prepare?.(path, i);
+    const path = opts.images?.[i] ?? join(dir, `${node}.${format}`);
+    if (opts.images === undefined) {
+      await createImage(path, spec.size ?? "64M", format);
+      await opts.prepare?.(path, i);
+    }
     args.push("--blockdev", JSON.stringify({ "node-name": node, driver: format, file: { driver: "file", filename: path } }));
     if (opts.iothreads === "fuse") {
       const fuse = join(dir, `${node}.fuse`);
