@@ -32,7 +32,8 @@ export class VirtualClock implements Clock {
 
   /** Let everything run that does not wait for the clock: promise chains and real file I/O. */
   async settle(): Promise<void> {
-    for (let quiet = 0; quiet < 2; ) {
+    // bounded: file I/O that is not ours (the test runner's) must not hang the test; a file open takes far fewer turns
+    for (let quiet = 0, turns = 0; quiet < 2 && turns < 20_000; turns++) {
       await immediate();
       quiet = fileIo() === 0 ? quiet + 1 : 0;
     }
