@@ -55,7 +55,7 @@ export interface TestDisk {
   readonly format: "qcow2" | "raw";
   /** qdev path of the guest device's block backend (for qemu-io -d). */
   readonly qdev: string;
-  /** qemu-storage-daemon with `iothreads`: the disk as a file (a FUSE export), where the "guest" writes. */
+  /** qemu-storage-daemon with `iothreads: "fuse"`: the disk as a file (a FUSE export), where the "guest" writes. */
   readonly fuse?: string;
 }
 
