@@ -21,7 +21,7 @@ import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { EventListener } from "../qmp/events.js";
 import { crashPoint } from "../util/crash-point.js";
-import { listening } from "../util/listening.js";
+import { stillListening } from "../util/listening.js";
 import type { BackupError } from "./errors.js";
 import { imageCreate, imageRemove } from "./images.js";
 import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
@@ -647,8 +647,8 @@ export class BackupJob {
 
   private onDisconnect(reason: string): void {
     if (!this.activeValue || this.detached) return;
-    // a dead QEMU leaves its QMP socket refusing connections
-    void listening(this.ctx.client.address).then((alive) => {
+    // a dead QEMU leaves its QMP socket refusing connections (asked more than once: see stillListening)
+    void stillListening(this.ctx.client.address).then((alive) => {
       if (this.detached || !this.activeValue) return;
       if (alive && this.ctx.store !== undefined) {
         this.log.warn({ reason }, "QMP connection lost but QEMU still runs; the job is adopted again at reconnect");
