@@ -7,7 +7,7 @@
 import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges } from "./helpers/backup.js";
-import { jobManager, leftovers, testDomain } from "./helpers/domain.js";
+import { jobManager, leftovers, settledBackup, testDomain } from "./helpers/domain.js";
 import { execFileP, rangeHolds, tempDir } from "./helpers/qemu.js";
 
 const KiB = 1024;
@@ -28,8 +28,7 @@ t.test("full push flattens the chain; incremental holds only the guest's writes;
   const top = await overlayOnBase(tempDir(t));
   const d = await testDomain(t, "vm1", [], undefined, { images: [top] });
   const jm = jobManager(d.backupDir);
-  (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>"))._unsafeUnwrap();
-  const full = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  const full = await settledBackup(jm, d, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>");
   t.equal(full.state, "ready", full.error ?? "");
   const f = full.disks[0]!.file;
   const info = JSON.parse((await execFileP("qemu-img", ["info", "-U", "--output=json", f])).stdout) as { "backing-filename"?: string };
@@ -40,14 +39,12 @@ t.test("full push flattens the chain; incremental holds only the guest's writes;
   t.ok(await rangeHolds(f, "qcow2", 0, MiB, 3 * MiB), "zeros between");
 
   await d.vm.write(0, 0x81, 8 * MiB, 64 * KiB);
-  (
-    await jm.begin(
-      d.domain,
-      "<domainbackup><incremental>c1</incremental></domainbackup>",
-      "<domaincheckpoint><name>c2</name></domaincheckpoint>",
-    )
-  )._unsafeUnwrap();
-  const inc = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  const inc = await settledBackup(
+    jm,
+    d,
+    "<domainbackup><incremental>c1</incremental></domainbackup>",
+    "<domaincheckpoint><name>c2</name></domaincheckpoint>",
+  );
   t.equal(inc.state, "ready", inc.error ?? "");
   t.same(await allocatedRanges(inc.disks[0]!.file), [[8 * MiB, 64 * KiB]], "only the cluster the guest wrote");
 

@@ -16,8 +16,8 @@ import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges } from "./helpers/backup.js";
 import { addDomain, cli, startDaemon } from "./helpers/daemon.js";
-import { jobManager, leftovers, type TestDomain, testDomain } from "./helpers/domain.js";
-import { createImage, execFileP, rangeHolds, startStorageDaemon, type Teardown, tempDir } from "./helpers/qemu.js";
+import { jobManager, leftovers, settledBackup, type TestDomain, testDomain } from "./helpers/domain.js";
+import { createImage, execFileP, type QemuProcess, rangeHolds, startStorageDaemon, type Teardown, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
 const DISKS = [{ size: "16M" }, { size: "16M" }];
@@ -30,27 +30,24 @@ const servedOpts = {
 const served = (t: Teardown): Promise<TestDomain> => testDomain(t, "vm1", DISKS, undefined, { storageDaemon: true, ...servedOpts });
 /** leftovers() but for the exports the storage daemon serves its "guest" with. */
 const ours = async (d: TestDomain) => (await leftovers(d.client)).filter((x) => !/^export guest\d$/.test(x));
-const alive = (d: TestDomain) => d.vm.proc.exitCode === null && d.vm.proc.signalCode === null;
+const alive = (vm: QemuProcess) => vm.proc.exitCode === null && vm.proc.signalCode === null;
 const pullXml = (d: TestDomain) =>
   `<domainbackup mode='pull'><server transport='unix' socket='${join(d.backupDir, "nbd.sock")}'/></domainbackup>`;
 
 t.test("push full and incremental, checkpoints, of disks in iothreads", async (t) => {
   const d = await served(t);
   const jm = jobManager(d.backupDir);
-  (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>"))._unsafeUnwrap();
-  const full = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  const full = await settledBackup(jm, d, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>");
   t.equal(full.state, "ready", full.error ?? "");
   t.ok(await rangeHolds(full.disks[0]!.file, "qcow2", 0x11, 0, 2 * MiB), "disk0's data");
   t.ok(await rangeHolds(full.disks[0]!.file, "qcow2", 0, 2 * MiB, 14 * MiB), "and nothing else");
   t.ok(await rangeHolds(full.disks[1]!.file, "qcow2", 0x12, MiB, 2 * MiB), "disk1's data");
-  (
-    await jm.begin(
-      d.domain,
-      "<domainbackup><incremental>c1</incremental></domainbackup>",
-      "<domaincheckpoint><name>c2</name></domaincheckpoint>",
-    )
-  )._unsafeUnwrap();
-  const inc = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  const inc = await settledBackup(
+    jm,
+    d,
+    "<domainbackup><incremental>c1</incremental></domainbackup>",
+    "<domaincheckpoint><name>c2</name></domaincheckpoint>",
+  );
   t.equal(inc.state, "ready", inc.error ?? "");
   for (const x of inc.disks) t.same(await allocatedRanges(x.file), [], `${x.name}: nothing changed since c1, nothing copied`);
   // checkpoints on their own: create, then delete one in the middle (its bitmap merged into its child's)
@@ -68,7 +65,7 @@ t.test("push full and incremental, checkpoints, of disks in iothreads", async (t
     "c2's bitmaps gone from both disks",
   );
   t.same(await ours(d), [], "nothing left in QEMU");
-  t.ok(alive(d), "QEMU runs");
+  t.ok(alive(d.vm), "QEMU runs");
 });
 
 t.test("abort mid-push of disks in iothreads: cancelled, nothing left, QEMU runs", async (t) => {
@@ -80,7 +77,7 @@ t.test("abort mid-push of disks in iothreads: cancelled, nothing left, QEMU runs
   t.notOk(d.checkpoints.store.get("x1"), "no checkpoint claims it");
   t.same(await ours(d), []);
   t.same(readdirSync(join(d.backupDir, "vm1")), [], "partial targets removed");
-  t.ok(alive(d), "QEMU runs");
+  t.ok(alive(d.vm), "QEMU runs");
 });
 
 t.test("a pull of disks in iothreads is refused on QEMU 7.2, before QEMU is touched", async (t) => {
@@ -93,7 +90,7 @@ t.test("a pull of disks in iothreads is refused on QEMU 7.2, before QEMU is touc
   t.same(await ours(d), [], "nothing added to QEMU");
   t.same(readdirSync(join(d.backupDir, "vm1")), [], "no scratch file");
   t.notOk(d.checkpoints.store.get("p1"), "no checkpoint");
-  t.ok(alive(d), "QEMU runs");
+  t.ok(alive(d.vm), "QEMU runs");
 });
 
 t.test("through the daemon and CLI: the pull is refused with exit code 2 and the reason; a push runs", async (t) => {
@@ -112,7 +109,7 @@ t.test("through the daemon and CLI: the pull is refused with exit code 2 and the
   t.equal((await cli(daemon.socket, ["backup-begin", "qsd"])).code, 0);
   const waited = await cli(daemon.socket, ["wait", "qsd", "--timeout", "60"]);
   t.equal(waited.code, 0, waited.stderr);
-  t.ok(qsd.proc.exitCode === null && qsd.proc.signalCode === null, "QEMU runs");
+  t.ok(alive(qsd), "QEMU runs");
 });
 
 t.test("a push of disks a FUSE export serves from an iothread is refused on QEMU 7.2; the guest keeps writing", async (t) => {
@@ -124,7 +121,7 @@ t.test("a push of disks a FUSE export serves from an iothread is refused on QEMU
   t.match(e.message, /FUSE export.*'disk0' \(maybe: .*\), 'disk1' \(maybe: .*\)\. Remove the FUSE export first/);
   // had the backup run, this write would abort QEMU
   await d.vm.write(0, 0x22, 0, MiB);
-  t.ok(alive(d), "QEMU runs");
+  t.ok(alive(d.vm), "QEMU runs");
   t.same(await ours(d), []);
   t.notOk(d.checkpoints.store.get("c1"), "no checkpoint");
 });

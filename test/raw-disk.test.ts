@@ -5,7 +5,7 @@
  * than guessed. Real QEMU.
  */
 import t from "tap";
-import { jobManager, leftovers, testDomain } from "./helpers/domain.js";
+import { jobManager, leftovers, settledBackup, testDomain } from "./helpers/domain.js";
 import { rangeHolds } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
@@ -15,8 +15,7 @@ t.test("full push with a checkpoint; incremental of the qcow2 disk only", async 
   const jm = jobManager(d.backupDir);
   await d.vm.write(0, 0x11, 0, MiB);
   await d.vm.write(1, 0x21, 2 * MiB, MiB);
-  (await jm.begin(d.domain, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>"))._unsafeUnwrap();
-  const full = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  const full = await settledBackup(jm, d, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>");
   t.equal(full.state, "ready", full.error ?? "");
   t.ok(await rangeHolds(full.disks[0]!.file, "qcow2", 0x11, 0, MiB), "vda");
   t.ok(await rangeHolds(full.disks[1]!.file, "qcow2", 0x21, 2 * MiB, MiB), "vdb, the raw disk, in full");
@@ -36,8 +35,7 @@ t.test("full push with a checkpoint; incremental of the qcow2 disk only", async 
   await d.vm.write(0, 0x12, 4 * MiB, 64 * 1024);
   const qcow2Only =
     "<domainbackup><incremental>c1</incremental><disks><disk name='vda'/><disk name='vdb' backup='no'/></disks></domainbackup>";
-  (await jm.begin(d.domain, qcow2Only, undefined))._unsafeUnwrap();
-  const inc = (await jm.wait("vm1", 30_000))._unsafeUnwrap();
+  const inc = await settledBackup(jm, d, qcow2Only, undefined);
   t.equal(inc.state, "ready", inc.error ?? "");
   t.same(
     inc.disks.map((x) => x.name),

@@ -5,7 +5,7 @@
  */
 import { join } from "node:path";
 import t from "tap";
-import { jobManager, leftovers, testDomain } from "./helpers/domain.js";
+import { jobManager, leftovers, settledBackup, testDomain } from "./helpers/domain.js";
 import { rangeHolds } from "./helpers/qemu.js";
 
 const pull = (sock: string) => `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`;
@@ -18,8 +18,7 @@ t.test("pull and push of a storage daemon's disks", async (t) => {
   t.equal(info.state, "ready", info.error ?? "");
   t.ok(await rangeHolds(`nbd+unix:///disk1?socket=${sock}`, "raw", 0, 0, 16 << 20), "disk1 served (empty)");
   (await jm.end("qsd"))._unsafeUnwrap();
-  (await jm.begin(d.domain, "<domainbackup><incremental>p1</incremental></domainbackup>", undefined))._unsafeUnwrap();
-  t.equal((await jm.wait("qsd", 30_000))._unsafeUnwrap().state, "ready");
+  t.equal((await settledBackup(jm, d, "<domainbackup><incremental>p1</incremental></domainbackup>", undefined)).state, "ready");
   t.same(await leftovers(d.client), []);
 });
 

@@ -3,7 +3,8 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { CheckpointManager } from "../../src/checkpoints/manager.js";
 import { CheckpointStore } from "../../src/checkpoints/store.js";
-import type { BackupDomain } from "../../src/jobs/manager.js";
+import type { JobInfo } from "../../src/jobs/job.js";
+import type { BackupDomain, BeginOptions } from "../../src/jobs/manager.js";
 import { JobManager } from "../../src/jobs/manager.js";
 import type { WritebackPump } from "../../src/jobs/writeback.js";
 import { probeCapabilities, QmpClient } from "../../src/qmp/index.js";
@@ -59,6 +60,18 @@ export function jobManager(
     tlsDir: extra.tlsDir,
     writeback: extra.writeback,
   });
+}
+
+/** Begin a backup on `d` and wait until it settles (ready, failed or cancelled): its info. */
+export async function settledBackup(
+  jm: JobManager,
+  d: TestDomain,
+  backupXml: string | undefined,
+  checkpointXml: string | undefined,
+  opts?: BeginOptions,
+): Promise<JobInfo> {
+  (await jm.begin(d.domain, backupXml, checkpointXml, opts))._unsafeUnwrap();
+  return (await jm.wait(d.domain.name, 30_000))._unsafeUnwrap();
 }
 
 /** Everything qbackupd might leave in QEMU: our nodes, jobs, exports, temporary bitmaps. */
