@@ -4,7 +4,7 @@
 // apt-get when running as root. Otherwise prints one line saying what to
 // install. Plain JavaScript: it runs before dependencies exist.
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -57,4 +57,81 @@ try {
 } catch {
   console.error("qbackupd: qemu-system-x86_64 is installed but does not run");
   process.exit(1);
+}
+
+// ---------------------------------------------------------------------------
+// The QEMU matrix: besides the system's QEMU (7.2 on bookworm), QEMU 10.0 from
+// Debian bookworm-backports, fetched with `apt-get download` through an apt
+// configuration of our own (the system's sources plus the backports suite) and
+// extracted under a cache directory. The system's QEMU and apt state are never
+// touched. `scripts/qemu-matrix.mjs` lists the result; tests pick one with
+// QBACKUPD_QEMU_BIN (a directory put first on PATH).
+// ---------------------------------------------------------------------------
+const BACKPORTS_VERSION = "1:10.0.2+ds-2+deb13u1~bpo12+1";
+const BACKPORTS_PKGS = ["qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-utils", "qemu-block-extra"];
+const cacheRoot = process.env.QBACKUPD_CACHE ?? join(process.env.HOME ?? "/root", ".cache", "qbackupd");
+const q10 = join(cacheRoot, "qemu-10.0.2");
+
+function systemMirror() {
+  // deb822 first, then the classic one-line format
+  for (const f of ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"]) {
+    if (!existsSync(f)) continue;
+    const text = readFileSync(f, "utf8");
+    const m = /^URIs:\s*(\S+)/m.exec(text) ?? /^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s/m.exec(text);
+    if (m) return m[1];
+  }
+  return "http://deb.debian.org/debian";
+}
+
+function fetchQemu10() {
+  if (existsSync(join(q10, "usr", "bin", "qemu-system-x86_64"))) return true;
+  if (process.env.QBACKUPD_QEMU_MATRIX === "system") return false;
+  if (!have("apt-get") || !have("dpkg-deb")) {
+    console.error("qbackupd: cannot fetch QEMU 10.0 (no apt-get/dpkg-deb); the suite runs on the system's QEMU only");
+    return false;
+  }
+  console.error(`qbackupd: fetching QEMU ${BACKPORTS_VERSION} from bookworm-backports into ${q10}…`);
+  const work = join(cacheRoot, "apt");
+  const debs = join(work, "debs");
+  mkdirSync(join(work, "lists", "partial"), { recursive: true });
+  mkdirSync(join(work, "cache", "archives", "partial"), { recursive: true });
+  mkdirSync(debs, { recursive: true });
+  const list = join(work, "sources.list");
+  writeFileSync(list, `deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${systemMirror()} bookworm-backports main\n`);
+  const opts = [
+    "-o", `Dir::Etc::sourcelist=${list}`,
+    "-o", "Dir::Etc::sourceparts=/dev/null",
+    "-o", `Dir::State::Lists=${join(work, "lists")}`,
+    "-o", `Dir::Cache=${join(work, "cache")}`,
+    "-o", "APT::Get::List-Cleanup=0",
+    "-o", "APT::Sandbox::User=root",
+  ];
+  const quiet = { stdio: ["ignore", "ignore", "inherit"] };
+  let r = spawnSync("apt-get", [...opts, "update", "-q"], quiet);
+  if (r.status !== 0) {
+    console.error("qbackupd: apt-get update of bookworm-backports failed; the suite runs on the system's QEMU only");
+    return false;
+  }
+  r = spawnSync("apt-get", [...opts, "download", ...BACKPORTS_PKGS.map((p) => `${p}=${BACKPORTS_VERSION}`)], { ...quiet, cwd: debs });
+  if (r.status !== 0) {
+    console.error("qbackupd: apt-get download of QEMU 10.0 failed; the suite runs on the system's QEMU only");
+    return false;
+  }
+  const tmp = `${q10}.tmp-${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  mkdirSync(tmp, { recursive: true });
+  for (const deb of readdirSync(debs).filter((f) => f.endsWith(".deb"))) run("dpkg-deb", ["-x", join(debs, deb), tmp]);
+  // The system's firmware (seabios) and keymaps serve the extracted binaries; point them there explicitly.
+  rmSync(q10, { recursive: true, force: true });
+  renameSync(tmp, q10);
+  rmSync(debs, { recursive: true, force: true });
+  return true;
+}
+
+if (fetchQemu10()) {
+  const v = spawnSync(join(q10, "usr", "bin", "qemu-system-x86_64"), ["--version"], { encoding: "utf8" });
+  if (v.status !== 0) {
+    console.error(`qbackupd: the extracted QEMU 10.0 does not run (${v.stderr.trim().split("\n")[0]}); removing it`);
+    rmSync(q10, { recursive: true, force: true });
+  }
 }
