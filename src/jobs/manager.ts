@@ -15,11 +15,12 @@ import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manag
 import { type BackupDef, type BackupDiskDef, backupDefAlign, backupDefParse } from "../conf/backup.js";
 import { type CheckpointDef, checkpointDefParse } from "../conf/checkpoint.js";
 import type { Logger } from "../log.js";
-import { formatVersion, versionAtLeast } from "../qmp/capabilities.js";
+import { formatVersion } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
 import type { QmpError } from "../qmp/errors.js";
-import { disksInIothreads, disksWithFuseExports, IOTHREAD_SAFE_MIN_VERSION, type IothreadDisk } from "../qmp/iothreads.js";
+import { iothreadVerdict } from "../qmp/iothread-hazards.js";
+import { disksInIothreads, disksWithFuseExports, type IothreadDisk } from "../qmp/iothreads.js";
 import { ensureDir, type IoError, ioError } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
@@ -93,29 +94,28 @@ function planOptions(mode: BackupDef["mode"], domain: BackupDomain, opts: BeginO
 }
 
 /**
- * Refuse what aborts QEMU before IOTHREAD_SAFE_MIN_VERSION (see
- * qmp/iothreads.ts): a pull of a disk in an iothread; a push of one that a
- * FUSE export serves from an iothread.
+ * Refuse, before QEMU is touched, a backup step that aborts this QEMU
+ * version with a disk in an iothread, as tried on that version
+ * (qmp/iothread-hazards.ts). A push counts disks a FUSE export serves
+ * separately: 7.2 runs the push but the export's next write aborts.
  */
 function refuseIothreadHazards(client: QmpClient, mode: BackupDef["mode"], disks: readonly DiskInfo[]): ResultAsync<void, BackupError> {
   const v = client.version.qemu;
-  if (versionAtLeast(v, IOTHREAD_SAFE_MIN_VERSION)) return okAsync(undefined);
-  const candidates = mode === "pull" ? okAsync<DiskInfo[], QmpError>([...disks]) : disksWithFuseExports(client, disks);
-  return candidates
+  const plain = iothreadVerdict(v, mode);
+  const fuse = iothreadVerdict(v, "push-with-fuse-export");
+  if (plain.safe && (mode === "pull" || fuse.safe)) return okAsync(undefined);
+  const fused = mode === "push" && plain.safe ? disksWithFuseExports(client, disks) : okAsync<DiskInfo[], QmpError>([...disks]);
+  const reason = mode === "push" && plain.safe ? fuse.reason : plain.reason;
+  return fused
     .andThen((c) => (c.length === 0 ? okAsync<IothreadDisk[], QmpError>([]) : disksInIothreads(client, c)))
     .mapErr((e): BackupError => fromQmp("cannot tell which disks run in iothreads", e))
     .andThen((found) => {
       if (found.length === 0) return okAsync<void, BackupError>(undefined);
       const which = found.map((d) => `'${d.disk}' (${d.iothread ?? "maybe: QEMU has iothreads and this device does not say"})`);
-      const why =
-        mode === "pull"
-          ? `pull backups of disks in an iothread are refused on QEMU ${formatVersion(v)}, which aborts on them ` +
-            "(a fleecing image backed by such a disk; an NBD client leaving its export). In an iothread: "
-          : `push backups of disks a FUSE export serves from an iothread are refused on QEMU ${formatVersion(v)}: ` +
-            "after a block job the export's next write aborts QEMU. Served by FUSE, in an iothread: ";
+      const advice = mode === "pull" && iothreadVerdict(v, "push").safe ? " Use a push backup." : "";
       return errAsync<void, BackupError>({
         code: "unsupported",
-        message: `${why}${which.join(", ")}. ${mode === "pull" ? "Use a push backup" : "Remove the FUSE export first"} (QEMU ${formatVersion(IOTHREAD_SAFE_MIN_VERSION)} and newer are not refused)`,
+        message: `${mode} backups of disks in an iothread are refused on QEMU ${formatVersion(v)}: ${reason}. In an iothread: ${which.join(", ")}.${advice}`,
       });
     });
 }

@@ -1,27 +1,14 @@
 /**
  * Which disks may run in an iothread rather than QEMU's main loop.
  *
- * It matters because QEMU 7.2 aborts outright on some backup steps with
- * disks in iothreads (measured here, on a qemu-storage-daemon whose disks run
- * in iothreads, as when it serves vhost-user-blk), taking the guest's storage
- * with it:
- *   - pull: blockdev-add of a fleecing image whose backing node is in an
- *     iothread ("qemu_mutex_unlock_impl: Operation not permitted"), and an
- *     NBD client leaving an export that runs in one (assertion in
- *     nbd_blockdev_client_closed), which a pull's export of such a disk would;
- *   - push: none of its own steps, but once any block job has run on a node
- *     that a FUSE export serves from an iothread, the export's next write
- *     aborts (bdrv_poll_co assertion). Without an iothread it does not.
+ * It matters because some QEMU versions abort on backup steps with such
+ * disks (qmp/iothread-hazards.ts says which, as tried on each version).
  * Read-only; changes nothing.
  */
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { QmpClient } from "./client.js";
 import type { DiskInfo } from "./disks.js";
 import type { QmpError } from "./errors.js";
-import type { VersionTriple } from "./qapi.js";
-
-/** The oldest QEMU not refused for the above: 7.2 is measured broken here; 8.0 and newer are not tested here. */
-export const IOTHREAD_SAFE_MIN_VERSION: VersionTriple = { major: 8, minor: 0, micro: 0 };
 
 /** Disks a FUSE export serves (QEMU's own exports, not ours: ours are NBD). */
 export function disksWithFuseExports(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<DiskInfo[], QmpError> {
