@@ -44,3 +44,30 @@ t.test("the API socket's group comes from the configuration", async (t) => {
   t.equal(st.gid, 4242);
   t.equal(st.mode & 0o777, 0o660);
 });
+
+t.test("domain-add returns once the domain is connected: a verb right after it works", async (t) => {
+  const vm = await startVm(t);
+  const d = await startDaemon(t);
+  const add = await cli(d.socket, ["domain-add", "vm1", "--qmp", vm.qmpPath]);
+  t.equal(add.code, 0, add.stderr);
+  t.match(add.stdout, /added and connected/);
+  const cp = await cli(d.socket, ["checkpoint-create-as", "vm1", "c1"]);
+  t.equal(cp.code, 0, `no "not connected" race: ${cp.stderr}`);
+});
+
+t.test("domain-add says in one line why a domain is not connected; --no-wait keeps the old behaviour", async (t) => {
+  const dir = tempDir(t, "qbackupd-daemon-");
+  const d = await startDaemon(t);
+  const missing = join(dir, "nope.sock");
+  const add = await cli(d.socket, ["domain-add", "vm1", "--qmp", missing, "--timeout", "20"]);
+  t.equal(add.code, 5, "exit code 5: QEMU unreachable");
+  t.equal(add.stderr.trim().split("\n").length, 1, "one line");
+  t.match(add.stderr, /domain 'vm1' is registered but not connected: .*(ENOENT|no such file)/i);
+  const list = JSON.parse((await cli(d.socket, ["--json", "domain-list"])).stdout) as { name: string; error: string | null }[];
+  t.match(list[0]?.error ?? "", /ENOENT|no such file/i, "domain-list shows the reason too");
+  const start = Date.now();
+  const quick = await cli(d.socket, ["domain-add", "vm2", "--qmp", missing, "--no-wait"]);
+  t.equal(quick.code, 0, quick.stderr);
+  t.ok(Date.now() - start < 10_000, "--no-wait does not wait for a connection");
+  t.equal((await cli(d.socket, ["domain-add", "vm3", "--qmp", missing, "--timeout", "0"])).code, 2, "a bad --timeout is a usage error");
+});

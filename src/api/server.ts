@@ -8,7 +8,7 @@
  */
 import { randomUUID } from "node:crypto";
 import Fastify, { type FastifyReply } from "fastify";
-import type { Result, ResultAsync } from "neverthrow";
+import { type Result, ResultAsync } from "neverthrow";
 import { byAge, descendants, leaves, renderTree, roots, topological } from "../checkpoints/tree.js";
 import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import { parseDomainConfig } from "../conf/config.js";
@@ -141,12 +141,18 @@ export function buildApi(deps: ApiDeps) {
     const d = need(reply, req.params.name);
     return d === undefined ? reply : domainJson(d);
   });
-  app.post("/v1/domains", async (req, reply) => {
+  app.post<{ Querystring: Query }>("/v1/domains", async (req, reply) => {
+    // ?wait=SECONDS: answer once the domain is connected, or its first connect attempt failed
+    const wait = req.query.wait === undefined ? 0 : Number(req.query.wait);
+    if (!Number.isFinite(wait) || wait < 0 || wait > 300)
+      return sendError(reply, { code: "bad-request", message: "wait must be seconds from 0 to 300" });
     const cfg = parseDomainConfig(req.body, "domain");
     if (cfg.isErr()) return sendError(reply, { code: "bad-request", message: cfg.error.message });
     return send(
       reply,
-      domains.add(cfg.value, "api").map((d) => domainJson(d)),
+      domains
+        .add(cfg.value, "api")
+        .andThen((d) => ResultAsync.fromSafePromise(wait > 0 ? d.settled(wait * 1000) : Promise.resolve()).map(() => domainJson(d))),
       201,
     );
   });

@@ -172,15 +172,27 @@ export function buildCli(setExit: (code: number) => void): Command {
     .requiredOption("--qmp <path>", "QMP socket path (or host:port)")
     .option("--agent <path>", "guest agent socket (for --quiesce)")
     .option("--qemu-user <uid:gid>", "QEMU runs as this user (default: the QMP socket's owner)")
-    .action(async (name: string, o: { qmp: string; agent?: string; qemuUser?: string }) => {
+    .option("--no-wait", "return at once, without waiting for the daemon to connect to QEMU")
+    .option("--timeout <seconds>", "how long to wait for the connection", "30")
+    .action(async (name: string, o: { qmp: string; agent?: string; qemuUser?: string; wait: boolean; timeout: string }) => {
       const c = ctx();
-      const r = await call(c, "POST", "/v1/domains", {
+      const secs = Number(o.timeout);
+      if (!Number.isFinite(secs) || secs <= 0 || secs > 300) throw new CliFailure("--timeout takes seconds from 1 to 300", EXIT.usage);
+      const r = await call(c, "POST", `/v1/domains${o.wait ? `?wait=${secs}` : ""}`, {
         name,
         qmp: o.qmp,
         ...(o.agent ? { agent: o.agent } : {}),
         ...(o.qemuUser ? { qemuUser: o.qemuUser } : {}),
       });
-      out(c, r.body, () => `Domain ${name} added\n`);
+      const d = r.body as { state: string; error: string | null };
+      if (o.wait && d.state !== "connected") {
+        const why = d.error ?? `still connecting after ${secs} s`;
+        throw new CliFailure(
+          `domain '${name}' is registered but not connected: ${why} (the daemon keeps retrying; domain-remove to drop it)`,
+          d.error === null ? EXIT.timeout : EXIT.unavailable,
+        );
+      }
+      out(c, r.body, () => (o.wait ? `Domain ${name} added and connected\n` : `Domain ${name} added\n`));
     });
   program
     .command("domain-list")

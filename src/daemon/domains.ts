@@ -39,6 +39,8 @@ export class Domain implements BackupDomain {
   private stateValue: DomainState = "connecting";
   private lastError: string | undefined;
   private readonly supervisor: QmpSupervisor;
+  /** Callers of settled(), told at the next connect outcome. */
+  private readonly settleWaiters = new Set<() => void>();
   readonly agentPath: string | undefined;
   /** Who QEMU runs as, when not the daemon's user (read at each connect). */
   private owner: { uid: number; gid: number } | undefined;
@@ -55,7 +57,11 @@ export class Domain implements BackupDomain {
     this.agentPath = config.agent;
     this.supervisor = new QmpSupervisor(
       parseAddress(config.qmp),
-      { connected: (c) => void this.onConnected(c), disconnected: (i) => this.onDisconnected(i.message) },
+      {
+        connected: (c) => void this.onConnected(c),
+        disconnected: (i) => this.onDisconnected(i.message),
+        failed: (m) => this.onConnectFailed(m),
+      },
       { logger: log, commandTimeoutMs: 60_000 },
       { initialDelayMs: 200, maxDelayMs: 10_000 },
     );
@@ -117,6 +123,37 @@ export class Domain implements BackupDomain {
     this.supervisor.start();
   }
 
+  /**
+   * Resolves at the first outcome of connecting from now on: connected and
+   * usable (jobs adopted, checkpoints reconciled), refused as unsupported,
+   * or a failed attempt (its reason in `error`); or after `timeoutMs`. At
+   * once when already connected. `state` and `error` then say which.
+   */
+  settled(timeoutMs: number): Promise<void> {
+    if (this.stateValue === "connected" && this.ready) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.settleWaiters.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      this.settleWaiters.add(done);
+    });
+  }
+
+  /** Connected and through onConnect (adoption, cleanup) and reconciliation. */
+  private ready = false;
+
+  private settle(): void {
+    for (const w of [...this.settleWaiters]) w();
+  }
+
+  private onConnectFailed(message: string): void {
+    this.lastError = message;
+    this.settle();
+  }
+
   stop(): Promise<void> {
     return this.supervisor.stop();
   }
@@ -129,6 +166,7 @@ export class Domain implements BackupDomain {
       this.lastError = qmpErrorMessage(caps.error);
       this.log.error({ domain: this.name, error: this.lastError }, "QEMU refused");
       this.onEvent({ domain: this.name, type: "unsupported", message: this.lastError });
+      this.settle();
       return;
     }
     this.capsValue = caps.value;
@@ -143,11 +181,14 @@ export class Domain implements BackupDomain {
     this.log.info({ domain: this.name, qemu: caps.value.package }, "domain connected");
     await this.onConnect(this);
     await this.checkpoints.reconcile(c);
+    this.ready = this.conn === c;
     this.onEvent({ domain: this.name, type: "connected" });
+    this.settle();
   }
 
   private onDisconnected(message: string): void {
     this.conn = undefined;
+    this.ready = false;
     this.stateValue = "connecting";
     this.lastError = message;
     this.log.warn({ domain: this.name, reason: message }, "domain disconnected; reconnecting");

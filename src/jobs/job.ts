@@ -13,7 +13,7 @@
  */
 
 import { existsSync } from "node:fs";
-import { errAsync, okAsync, ResultAsync } from "neverthrow";
+import { err, errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
 import { type BackupDef, backupDefFormat } from "../conf/backup.js";
 import type { Logger } from "../log.js";
@@ -413,6 +413,14 @@ export class BackupJob {
           this.setState("ready", "ready");
         } else {
           this.setState("inprogress", "started");
+        }
+        // what begin answers must be on disk first: a kill -9 right after the answer
+        // must find a record of a started job (adopted on restart), not one mid-begin
+        const saved = await this.persist("begin:answered");
+        if (saved.isErr()) {
+          this.errorText = `the started backup could not be recorded: ${saved.error.message}`;
+          await this.teardown("failed");
+          return err(saved.error);
         }
         return r.map(() => this.info());
       })(),

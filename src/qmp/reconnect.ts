@@ -28,6 +28,8 @@ export interface SupervisorHandlers {
   readonly connected: (client: QmpClient) => void;
   /** The connection went away; the supervisor is already retrying. */
   readonly disconnected: (info: CloseInfo) => void;
+  /** A connect attempt failed (the socket is missing, refused, QEMU did not greet…); retrying. */
+  readonly failed?: (message: string) => void;
 }
 
 /**
@@ -81,6 +83,7 @@ export class QmpSupervisor {
         this.log.warn({ attempt: this.attempt, retryInMs: delay, reason: qmpErrorMessage(r.error) }, "QMP connect failed; retrying");
       }
       this.timer = setTimeout(() => void this.tryConnect(), delay);
+      this.handlers.failed?.(qmpErrorMessage(r.error));
       return;
     }
     this.attempt = 0;
