@@ -6,7 +6,7 @@
  * started and removes its temp dir; an exit hook does the same if the test
  * process dies first.
  */
-import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { type ChildProcess, execFile, execFileSync, spawn } from "node:child_process";
 import { chmodSync, chownSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -290,4 +290,12 @@ export async function rangeHolds(image: string, format: string, pattern: number,
   } catch {
     return false;
   }
+}
+
+/** The version of the QEMU under test (the qemu-system-x86_64 on PATH: see scripts/test-matrix.mjs). */
+export function qemuVersionUnderTest(): { major: number; minor: number; micro: number } {
+  const out = execFileSync("qemu-system-x86_64", ["--version"], { encoding: "utf8" });
+  const m = /version (\d+)\.(\d+)\.(\d+)/.exec(out);
+  if (m === null) throw new Error(`cannot read QEMU's version from: ${out}`);
+  return { major: Number(m[1]), minor: Number(m[2]), micro: Number(m[3]) };
 }
