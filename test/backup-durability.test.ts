@@ -137,7 +137,7 @@ for (const durable of [true, false]) {
     (await jm.begin(d.domain, undefined, CP, { bandwidth: 1 * MiB, durable }))._unsafeUnwrap();
     // someone else holds vda's target: an export of it (not ours) keeps blockdev-del from closing it
     const nodes = (await d.vm.monitor.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
-    const target = nodes.map((n) => n["node-name"]).find((n) => n?.startsWith("qbk-t"))!;
+    const target = nodes.map((n) => n["node-name"]).find((n) => /^qbk-.*-t0$/.test(n ?? ""))!;
     const nbd = join(d.backupDir, "other.sock");
     (await d.vm.monitor.execute("nbd-server-start", { addr: { type: "unix", data: { path: nbd } } }))._unsafeUnwrap();
     (await d.vm.monitor.execute("block-export-add", { type: "nbd", id: "someone", "node-name": target }))._unsafeUnwrap();

@@ -126,7 +126,10 @@ t.test("an export removed behind the daemon's back fails the pull and cleans up"
   (
     await jm.begin(d.domain, `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`, undefined)
   )._unsafeUnwrap();
-  (await d.vm.monitor.execute("block-export-del", { id: "qbk-e1" }))._unsafeUnwrap();
+  const exports = (await d.vm.monitor.execute("query-block-exports"))._unsafeUnwrap();
+  const e1 = exports.map((e) => e.id).find((id) => /^qbk-[0-9a-f]{6}-[0-9a-f]{8}-e1$/.test(id));
+  t.ok(e1, "exports are named after the domain and the job");
+  (await d.vm.monitor.execute("block-export-del", { id: e1! }))._unsafeUnwrap();
   for (let i = 0; i < 200 && jm.job("vm1")?.active; i++) await new Promise((res) => setTimeout(res, 25));
   const r = (await jm.info("vm1", { completed: true }))._unsafeUnwrap();
   t.equal(r.state, "failed");

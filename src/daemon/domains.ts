@@ -14,6 +14,7 @@ import { CheckpointStore } from "../checkpoints/store.js";
 import type { DomainConfig } from "../conf/config.js";
 import { parseDomainConfig, parseOwner } from "../conf/config.js";
 import type { BackupDomain } from "../jobs/manager.js";
+import { domainTag } from "../jobs/plan.js";
 import type { Logger } from "../log.js";
 import { type CapabilityCache, probeCapabilities, type QemuCapabilities } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
@@ -21,6 +22,7 @@ import { qmpErrorMessage } from "../qmp/errors.js";
 import { parseAddress } from "../qmp/protocol.js";
 import { QmpSupervisor } from "../qmp/reconnect.js";
 import { type IoError, writeFileAtomic } from "../util/atomic-file.js";
+import { claimQemu, releaseQemu } from "./ownership.js";
 
 /** Shared by all domains: one schema parse per QEMU build. */
 const capabilityCache: CapabilityCache = new Map();
@@ -53,6 +55,8 @@ export class Domain implements BackupDomain {
     private readonly onEvent: (e: DomainEvent) => void,
     /** Runs on every connect before the domain is usable (job adoption, leftover cleanup). */
     private readonly onConnect: (d: Domain) => Promise<void>,
+    /** The other domain registered here whose ownership-marker tag this is (see ownership.ts). */
+    private readonly registeredAs: (tag: string) => string | undefined = () => undefined,
   ) {
     this.agentPath = config.agent;
     this.supervisor = new QmpSupervisor(
@@ -158,6 +162,13 @@ export class Domain implements BackupDomain {
     return this.supervisor.stop();
   }
 
+  /** domain-remove: leave QEMU unmarked, then disconnect. */
+  async release(): Promise<void> {
+    const c = this.client();
+    if (c !== undefined) await releaseQemu(c, this.name);
+    await this.stop();
+  }
+
   private async onConnected(c: QmpClient): Promise<void> {
     this.conn = c;
     const caps = await probeCapabilities(c, capabilityCache);
@@ -170,6 +181,18 @@ export class Domain implements BackupDomain {
       return;
     }
     this.capsValue = caps.value;
+    // before anything is cleaned up or adopted: is this QEMU another domain's?
+    const claim = await claimQemu(c, this.name, (tag) => this.registeredAs(tag));
+    if (claim.isErr()) {
+      this.stateValue = "unsupported";
+      this.lastError = claim.error.code === "qmp" ? `${claim.error.message}: ${qmpErrorMessage(claim.error.cause)}` : claim.error.message;
+      this.log.error({ domain: this.name, error: this.lastError }, "QEMU refused");
+      this.onEvent({ domain: this.name, type: "unsupported", message: this.lastError });
+      this.settle();
+      return;
+    }
+    if (claim.value.takenOver.length > 0)
+      this.log.warn({ domain: this.name, markers: claim.value.takenOver }, "took over a QEMU marked by a domain no longer registered");
     this.owner = this.findOwner();
     if (this.owner !== undefined)
       this.log.info(
@@ -240,7 +263,15 @@ export class DomainRegistry {
     if (this.domains.has(config.name)) return errAsync({ code: "duplicate", message: `domain '${config.name}' is already registered` });
     return CheckpointStore.open(this.stateDir, config.name, this.log).andThen((store) => {
       const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
-      const d = new Domain(config, origin, checkpoints, this.log, this.onEvent, this.onConnect);
+      const d = new Domain(
+        config,
+        origin,
+        checkpoints,
+        this.log,
+        this.onEvent,
+        this.onConnect,
+        (tag) => [...this.domains.values()].find((o) => o.name !== config.name && domainTag(o.name) === tag)?.name,
+      );
       this.domains.set(config.name, d);
       d.start();
       return (origin === "api" ? this.persist() : okAsync(undefined)).map(() => d);
@@ -251,7 +282,7 @@ export class DomainRegistry {
     const d = this.domains.get(name);
     if (d === undefined) return errAsync({ code: "unknown-domain", message: `no domain named '${name}'` });
     this.domains.delete(name);
-    return ResultAsync.fromSafePromise(d.stop()).andThen(() => (d.origin === "api" ? this.persist() : okAsync(undefined)));
+    return ResultAsync.fromSafePromise(d.release()).andThen(() => (d.origin === "api" ? this.persist() : okAsync(undefined)));
   }
 
   async stopAll(): Promise<void> {

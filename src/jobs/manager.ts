@@ -25,7 +25,7 @@ import { ensureDir, type IoError, ioError } from "../util/atomic-file.js";
 import type { BackupError } from "./errors.js";
 import { BackupJob, type JobEvent, type JobInfo, type NbdServerPlan } from "./job.js";
 import { checkBackupPath, checkSocketPath } from "./paths.js";
-import { type DiskPlan, type PlanOptions, planDisk } from "./plan.js";
+import { type DiskPlan, isOwnName, ownNames, type PlanOptions, planDisk } from "./plan.js";
 import { freeTcpPort } from "./ports.js";
 import { JobStore } from "./record.js";
 import { WritebackPump } from "./writeback.js";
@@ -192,12 +192,16 @@ export class JobManager {
     await this.cleanLeftovers(domain.name, client, claimed);
   }
 
-  /** Nodes, jobs and exports named like ours but claimed by no job record: a crash mid-begin without a record, or older leftovers. */
+  /**
+   * Nodes, jobs and exports named like this domain's but claimed by no job
+   * record: a crash mid-begin without a record, or older leftovers. Another
+   * domain's (another registration of the same QEMU) carry another tag.
+   */
   private async cleanLeftovers(domain: string, client: QmpClient, claimed: ReadonlySet<string>): Promise<void> {
     const cleaned: string[] = [];
     const jobs = await client.execute("query-jobs");
     for (const j of jobs.isOk() ? jobs.value : []) {
-      if (!j.id.startsWith(OWN_NODE_PREFIX) || claimed.has(j.id)) continue;
+      if (!isOwnName(j.id, domain) || claimed.has(j.id)) continue;
       if (j.status !== "concluded") {
         const l = client.listen(["JOB_STATUS_CHANGE"], (e) => e.data.id === j.id && e.data.status === "concluded");
         await client.execute("job-cancel", { id: j.id });
@@ -209,14 +213,14 @@ export class JobManager {
     }
     const exports = await client.execute("query-block-exports");
     for (const e of exports.isOk() ? exports.value : []) {
-      if (!e.id.startsWith(OWN_NODE_PREFIX) || claimed.has(e.id)) continue;
+      if (!isOwnName(e.id, domain) || claimed.has(e.id)) continue;
       await client.execute("block-export-del", { id: e.id, mode: "hard" });
       cleaned.push(`export ${e.id}`);
     }
     const nodes = await client.execute("query-named-block-nodes", { flat: true });
     for (const n of nodes.isOk() ? nodes.value : []) {
       const name = n["node-name"];
-      if (name === undefined || !name.startsWith(OWN_NODE_PREFIX) || claimed.has(name)) continue;
+      if (name === undefined || !isOwnName(name, domain) || claimed.has(name)) continue;
       const r = await client.execute("blockdev-del", { "node-name": name });
       if (r.isOk()) cleaned.push(`node ${name}`);
     }
@@ -364,7 +368,7 @@ export class JobManager {
                   { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
                 );
                 if (aligned.isErr()) return errAsync<BackupJob, BackupError>(aligned.error);
-                return this.validate(domain, client, aligned.value, disks, planOpts).andThen((plans) =>
+                return this.validate(domain, client, id, aligned.value, disks, planOpts).andThen((plans) =>
                   (cp === undefined
                     ? okAsync<PreparedCheckpoint | undefined, BackupError>(undefined)
                     : domain.checkpoints.prepare(cp, disks)
@@ -383,6 +387,7 @@ export class JobManager {
   private validate(
     domain: BackupDomain,
     client: QmpClient,
+    jobId: string,
     def: BackupDef,
     disks: readonly DiskInfo[],
     planOpts: PlanOptions,
@@ -429,7 +434,7 @@ export class JobManager {
               });
             }
             const withPath: BackupDiskDef = { ...d, store: { ...d.store!, file: p.path } };
-            const plan = planDisk(i, withPath, source, checkpoints, planOpts, p.exists);
+            const plan = planDisk(i, ownNames(i, domain.name, jobId), withPath, source, checkpoints, planOpts, p.exists);
             if (typeof plan === "string") return errAsync<never, BackupError>({ code: "xml-invalid", message: plan });
             plans.push(plan);
           }

@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 /**
  * From an aligned <domainbackup> and what QEMU reports, the per-disk plan of
  * a backup: node names, job ids, files, sync modes, bitmaps, exports; and
@@ -49,9 +50,40 @@ export interface PlanOptions {
   readonly imageOwner?: { readonly uid: number; readonly gid: number } | undefined;
 }
 
-/** QEMU node names are limited to 31 characters, so ours are indexed rather than named after the disk. */
-export function ownNames(i: number): { jobId: string; createJobId: string; targetNode: string; exportId: string } {
-  const p = OWN_NODE_PREFIX;
+/**
+ * What names our nodes, jobs and exports in QEMU after the domain: 6 hex
+ * digits of its name's SHA-256. Two registrations can then never take each
+ * other's objects for their own (a start-up cleanup only removes what carries
+ * its own domain's tag).
+ */
+export function domainTag(domain: string): string {
+  return createHash("sha256").update(domain).digest("hex").slice(0, 6);
+}
+
+/** Every name our backups of `domain` give objects in QEMU starts with this. */
+export function ownPrefix(domain: string): string {
+  return `${OWN_NODE_PREFIX}${domainTag(domain)}-`;
+}
+
+/** Names of versions before the domain tag (qbk-t0, qbk-j1…): still ours to clean up. */
+const LEGACY_OWN_NAME = /^qbk-[jcte]\d+$/;
+
+/** Whether a QEMU object of this name belongs to a backup of `domain` (and to no other domain's). */
+export function isOwnName(name: string, domain: string): boolean {
+  return name.startsWith(ownPrefix(domain)) || LEGACY_OWN_NAME.test(name);
+}
+
+/**
+ * Names of disk i's objects in job `jobId` of `domain`. QEMU node names are
+ * limited to 31 characters, so they are indexed rather than named after the
+ * disk: qbk-<domain tag 6>-<job id 8>-t<i> is at most 24.
+ */
+export function ownNames(
+  i: number,
+  domain: string,
+  jobId: string,
+): { jobId: string; createJobId: string; targetNode: string; exportId: string } {
+  const p = `${ownPrefix(domain)}${jobId}-`;
   return { jobId: `${p}j${i}`, createJobId: `${p}c${i}`, targetNode: `${p}t${i}`, exportId: `${p}e${i}` };
 }
 
@@ -62,13 +94,13 @@ export function tempBitmapName(disk: string): string {
 
 export function planDisk(
   i: number,
+  names: ReturnType<typeof ownNames>,
   d: BackupDiskDef,
   source: DiskInfo,
   checkpoints: ReadonlyMap<string, CheckpointDefFull>,
   opts: PlanOptions,
   fileExists: boolean,
 ): DiskPlan | string {
-  const names = ownNames(i);
   const file = d.store?.file;
   if (file === undefined) return `disk '${d.name}': no target file`;
   const format = opts.mode === "pull" ? "qcow2" : ((d.driver ?? "qcow2") as "qcow2" | "raw");
