@@ -5,9 +5,10 @@
  * first's backup is touched: its names carry its own domain tag, so no
  * start-up cleanup of another domain can take them for its leftovers.
  */
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import { addDomain, cli, connected, startDaemon } from "./helpers/daemon.js";
+import { addDomain, cli, connected, startDaemon, until } from "./helpers/daemon.js";
 import { leftovers } from "./helpers/domain.js";
 import { rangeHolds, startVm, tempDir } from "./helpers/qemu.js";
 
@@ -54,4 +55,31 @@ t.test("a marker of a domain no longer registered is taken over", async (t) => {
   const d2 = await startDaemon(t, { dir: d.dir });
   await connected(d2, "vm1");
   t.pass("after a restart the domain finds its own marker and connects");
+});
+
+t.test("two registrations of one QEMU connecting at once: never both connected", async (t) => {
+  for (let round = 0; round < 5; round++) {
+    const dir = tempDir(t, "qbackupd-daemon-");
+    const second = join(dir, "second.sock");
+    const vm = await startVm(t, { disks: [{ size: "16M" }], extraArgs: ["-qmp", `unix:${second},server=on,wait=off`] });
+    writeFileSync(
+      join(dir, "config.json"),
+      JSON.stringify({
+        domains: [
+          { name: "a", qmp: vm.qmpPath },
+          { name: "b", qmp: second },
+        ],
+      }),
+    );
+    const d = await startDaemon(t, { dir });
+    let list: { name: string; state: string; error: string | null }[] = [];
+    await until("both settled", async () => {
+      list = JSON.parse((await cli(d.socket, ["--json", "domain-list"])).stdout);
+      return list.every((x) => x.state !== "connecting");
+    });
+    const up = list.filter((x) => x.state === "connected");
+    t.ok(up.length <= 1, `round ${round}: at most one connected (${JSON.stringify(list)})`);
+    for (const x of list.filter((y) => y.state !== "connected")) t.match(x.error, /already registered as domain/);
+    await d.stop();
+  }
 });

@@ -39,37 +39,54 @@ export function claimQemu(
   registeredAs: (tag: string) => string | undefined,
 ): ResultAsync<ClaimResult, ClaimError> {
   const mine = ownerMarkerId(domain);
-  const objects = client
-    .execute("qom-list", { path: "/objects" })
-    .orElse((e) => (e.code === "command" && e.errorClass === "DeviceNotFound" ? okAsync<{ name: string }[], QmpError>([]) : errAsync(e)))
-    .mapErr((e): ClaimError => ({ code: "qmp", message: "cannot list QEMU's objects", cause: e }));
-  return objects.andThen((objs) => {
-    const markers = objs.map((o) => o.name).filter((n) => n.startsWith(MARKER_PREFIX));
-    const others = markers.filter((m) => m !== mine);
-    for (const m of others) {
+  const markers = (): ResultAsync<string[], ClaimError> =>
+    client
+      .execute("qom-list", { path: "/objects" })
+      .orElse((e) => (e.code === "command" && e.errorClass === "DeviceNotFound" ? okAsync<{ name: string }[], QmpError>([]) : errAsync(e)))
+      .map((objs) => objs.map((o) => o.name).filter((n) => n.startsWith(MARKER_PREFIX)))
+      .mapErr((e): ClaimError => ({ code: "qmp", message: "cannot list QEMU's objects", cause: e }));
+  const rival = (found: readonly string[]): ClaimError | undefined => {
+    for (const m of found) {
+      if (m === mine) continue;
       const other = registeredAs(m.slice(MARKER_PREFIX.length));
       if (other !== undefined)
-        return errAsync<ClaimResult, ClaimError>({
+        return {
           code: "registered-twice",
           other,
           message: `this QEMU is already registered as domain '${other}'; two registrations of one QEMU would undo each other's backups (domain-remove one of them)`,
-        });
+        };
     }
+    return undefined;
+  };
+  return markers().andThen((before) => {
+    const r = rival(before);
+    if (r !== undefined) return errAsync<ClaimResult, ClaimError>(r);
+    const stale = before.filter((m) => m !== mine);
     const dropStale = ResultAsync.combine(
-      others.map((id) =>
+      stale.map((id) =>
         client
           .execute("object-del", { id })
           .map(() => id)
           .mapErr((e): ClaimError => ({ code: "qmp", message: `cannot remove the stale marker ${id}`, cause: e })),
       ),
     );
+    const add = before.includes(mine)
+      ? okAsync<unknown, ClaimError>(undefined)
+      : client
+          .execute("object-add", { "qom-type": "secret", id: mine, data: "qbackupd" })
+          .mapErr((e): ClaimError => ({ code: "qmp", message: "cannot leave the ownership marker in QEMU", cause: e }));
+    // Two registrations connecting at once both see no marker and both add
+    // theirs; QEMU runs commands one at a time, so whichever looks again
+    // later sees the other's and steps back. (Both may step back; neither
+    // then claims, which is safe, and a retry settles it.)
     return dropStale.andThen((takenOver) =>
-      (markers.includes(mine)
-        ? okAsync<unknown, ClaimError>(undefined)
-        : client
-            .execute("object-add", { "qom-type": "secret", id: mine, data: "qbackupd" })
-            .mapErr((e): ClaimError => ({ code: "qmp", message: "cannot leave the ownership marker in QEMU", cause: e }))
-      ).map(() => ({ takenOver })),
+      add
+        .andThen(() => markers())
+        .andThen((after) => {
+          const late = rival(after);
+          if (late === undefined) return okAsync<ClaimResult, ClaimError>({ takenOver });
+          return ResultAsync.fromSafePromise(releaseQemu(client, domain)).andThen(() => errAsync<ClaimResult, ClaimError>(late));
+        }),
     );
   });
 }
