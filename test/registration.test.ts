@@ -8,9 +8,12 @@
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
+import { claimQemu } from "../src/daemon/ownership.js";
+import { QmpClient } from "../src/qmp/index.js";
 import { addDomain, cli, connected, startDaemon, until } from "./helpers/daemon.js";
 import { leftovers } from "./helpers/domain.js";
-import { rangeHolds, startVm, tempDir } from "./helpers/qemu.js";
+import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
+import { rangeHolds, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
 
@@ -82,4 +85,13 @@ t.test("two registrations of one QEMU connecting at once: never both connected",
     for (const x of list.filter((y) => y.state !== "connected")) t.match(x.error, /already registered as domain/);
     await d.stop();
   }
+});
+
+t.test("a peer that answers qom-list with nonsense: the claim fails with a reason, nothing throws", async (t) => {
+  const peer = await startFakeQmp(t, (cmd, p) => p.write(reply(cmd.id, cmd.execute === "qom-list" ? { not: "a list" } : {})));
+  const c = (await QmpClient.connect({ path: peer.path }, { logger: silentLogger }))._unsafeUnwrap();
+  t.teardown(() => c.close());
+  const r = await claimQemu(c, "vm1", () => undefined);
+  t.ok(r.isErr());
+  t.match(r._unsafeUnwrapErr().message, /cannot list QEMU's objects/);
 });

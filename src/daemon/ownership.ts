@@ -43,8 +43,22 @@ export function claimQemu(
     client
       .execute("qom-list", { path: "/objects" })
       .orElse((e) => (e.code === "command" && e.errorClass === "DeviceNotFound" ? okAsync<{ name: string }[], QmpError>([]) : errAsync(e)))
-      .map((objs) => objs.map((o) => o.name).filter((n) => n.startsWith(MARKER_PREFIX)))
-      .mapErr((e): ClaimError => ({ code: "qmp", message: "cannot list QEMU's objects", cause: e }));
+      .mapErr((e): ClaimError => ({ code: "qmp", message: "cannot list QEMU's objects", cause: e }))
+      .andThen((objs: unknown) =>
+        // a peer that is not QEMU may answer anything: check the shape before using it
+        Array.isArray(objs)
+          ? okAsync<string[], ClaimError>(
+              objs.flatMap((o: unknown) => {
+                const n = typeof o === "object" && o !== null ? (o as { name?: unknown }).name : undefined;
+                return typeof n === "string" && n.startsWith(MARKER_PREFIX) ? [n] : [];
+              }),
+            )
+          : errAsync<string[], ClaimError>({
+              code: "qmp",
+              message: "cannot list QEMU's objects",
+              cause: { code: "protocol", message: "qom-list answered with something other than a list" },
+            }),
+      );
   const rival = (found: readonly string[]): ClaimError | undefined => {
     for (const m of found) {
       if (m === mine) continue;
