@@ -47,7 +47,10 @@ function run(cmd, args, opts = {}) {
   return r.stdout ?? "";
 }
 
-if (existsSync(KERNEL) && existsSync(INITRD)) {
+// bump when what goes into the guest changes: a cached guest of another version is rebuilt
+const VERSION = "2";
+const STAMP = join(out, "version");
+if (existsSync(KERNEL) && existsSync(INITRD) && existsSync(STAMP) && readFileSync(STAMP, "utf8") === VERSION) {
   console.log(out);
   process.exit(0);
 }
@@ -188,8 +191,11 @@ done
 `;
 file("/init", Buffer.from(init), 0o755);
 // qemu-ga runs its fsfreeze hook with "freeze" before freezing and "thaw" after
-// thawing; its syslog line covers only the freeze, the hook shows both
-file("/etc/qemu/fsfreeze-hook", Buffer.from('#!/bin/sh\necho "FSFREEZE-HOOK $1" > /dev/ttyS0\n'), 0o755);
+// thawing; its syslog line covers only the freeze, the hook shows both. The
+// second's sleep before a freeze (the filesystems are not frozen yet) gives a
+// test time to act between "guest-fsfreeze called" and the freeze's answer.
+const hook = '#!/bin/sh\necho "FSFREEZE-HOOK $1" > /dev/ttyS0\n[ "$1" = freeze ] && sleep 1\nexit 0\n';
+file("/etc/qemu/fsfreeze-hook", Buffer.from(hook), 0o755);
 
 // cpio "newc", written here: the host may have no cpio
 const chunks = [];
@@ -217,5 +223,6 @@ writeFileSync(`${INITRD}.tmp`, gzipSync(Buffer.concat(chunks)));
 writeFileSync(join(out, "modules.txt"), `${kver}\n${order.join("\n")}\n`);
 renameSync(`${INITRD}.tmp`, INITRD);
 renameSync(`${KERNEL}.tmp`, KERNEL);
+writeFileSync(STAMP, VERSION);
 console.error(`build-guest: kernel ${kver}, ${order.length} modules, initramfs ${statSync(INITRD).size} bytes`);
 console.log(out);
