@@ -4,8 +4,15 @@
  *
  * The agent protocol has no ids: one command at a time, replies in order.
  * After connecting we resynchronise with guest-sync-delimited: the agent
- * answers with a 0xFF byte before the reply, and everything before that byte
- * (stale output of an earlier client) is discarded.
+ * answers with a 0xFF byte before the reply. Output left for an earlier
+ * client comes first, and may itself be a delimited sync reply (a client that
+ * sent guest-sync-delimited and left before the answer gets its answer
+ * delivered to the next client): every reply is skipped until the one that
+ * echoes the id we sent.
+ *
+ * A timed-out or garbled exchange closes the connection: a late reply would
+ * be taken for the answer to the next command, and QEMU's chardev serves one
+ * client at a time, so a connection kept open blocks every later one.
  */
 import net from "node:net";
 import { err, ok, type Result, ResultAsync } from "neverthrow";
@@ -23,7 +30,8 @@ const MAX_LINE = 1024 * 1024;
 
 export class GuestAgentClient {
   private splitter = new LineSplitter(MAX_LINE);
-  private synced = false;
+  /** While resynchronising: the id our guest-sync-delimited carries; other replies are stale. */
+  private syncId: number | undefined;
   private waiter: ((r: Result<unknown, AgentError>) => void) | undefined;
   private queue: Promise<unknown> = Promise.resolve();
   private closedWith: string | undefined;
@@ -52,13 +60,22 @@ export class GuestAgentClient {
         resolve(ok(new GuestAgentClient(sock)));
       });
     });
-    return new ResultAsync(p).andThen((c) => c.sync(timeoutMs).map(() => c));
+    return new ResultAsync(p).andThen((c) =>
+      c
+        .sync(timeoutMs)
+        .map(() => c)
+        .mapErr((e) => {
+          // a connection left open would hold the agent's only client slot
+          c.close();
+          return e;
+        }),
+    );
   }
 
-  /** guest-sync-delimited with a random id; the reply must echo it. */
+  /** guest-sync-delimited with a random id; replies are skipped until one echoes it. */
   sync(timeoutMs = 5_000): ResultAsync<void, AgentError> {
     const id = Math.floor(Math.random() * 2 ** 31);
-    this.synced = false;
+    this.syncId = id;
     // A leading 0xFF makes the agent drop any partial input left by an earlier client.
     this.sock.write(Buffer.from([0xff]));
     return this.command("guest-sync-delimited", { id }, timeoutMs).andThen((r) =>
@@ -81,6 +98,7 @@ export class GuestAgentClient {
   }
 
   close(): void {
+    this.fail("connection closed by us");
     this.sock.destroy();
   }
 
@@ -94,11 +112,15 @@ export class GuestAgentClient {
         }
         const timer = setTimeout(() => {
           this.waiter = undefined;
+          // its reply may still come, and be read as the next command's: start over on a new connection
+          this.close();
           resolve(err({ code: "agent-timeout", command: name, timeoutMs }));
         }, timeoutMs);
         this.waiter = (r) => {
           clearTimeout(timer);
           this.waiter = undefined;
+          // an answer we cannot read leaves us out of step with the agent
+          if (r.isErr() && r.error.code === "agent-protocol") this.close();
           resolve(r);
         };
         this.currentCommand = name;
@@ -111,15 +133,7 @@ export class GuestAgentClient {
   }
 
   private onData(b: Buffer): void {
-    let buf = b;
-    if (!this.synced) {
-      const i = buf.indexOf(0xff);
-      if (i === -1) return; // stale bytes before the delimiter
-      this.synced = true;
-      this.splitter = new LineSplitter(MAX_LINE);
-      buf = buf.subarray(i + 1);
-    }
-    const lines = this.splitter.push(buf.toString("utf8"));
+    const lines = this.splitter.push(b.toString("utf8"));
     if (lines.isErr()) {
       this.fail("agent sent an over-long line");
       return;
@@ -127,9 +141,24 @@ export class GuestAgentClient {
     for (const line of lines.value) this.onLine(line);
   }
 
-  private onLine(line: string): void {
+  private onLine(raw: string): void {
     const w = this.waiter;
-    if (w === undefined) return; // a late reply to a timed-out command
+    if (w === undefined) return; // nothing asked: stale output
+    let line = raw;
+    if (this.syncId !== undefined) {
+      // 0xFF (decoded as U+FFFD) delimits a sync reply; what comes before it is an earlier client's partial output
+      line = line.slice(line.lastIndexOf("\uFFFD") + 1);
+      let reply: unknown;
+      try {
+        reply = JSON.parse(line);
+      } catch {
+        return; // stale garbage
+      }
+      if (typeof reply !== "object" || reply === null || (reply as { return?: unknown }).return !== this.syncId) return; // stale reply
+      this.syncId = undefined;
+      w(ok((reply as { return: unknown }).return));
+      return;
+    }
     let msg: unknown;
     try {
       msg = JSON.parse(line);

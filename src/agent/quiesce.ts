@@ -3,6 +3,11 @@
  * and always thaw afterwards, also when the action fails. A failed thaw is
  * logged as an error (the guest stays frozen until someone thaws it), but it
  * does not undo an action that succeeded.
+ *
+ * Only our own freeze is thawed: when the freeze call fails there is nothing
+ * of ours to undo. qemu-ga rolls back a freeze that fails part-way itself, and
+ * the usual failure, "the agent is in frozen state", means another client
+ * froze the guest: thawing then would end that client's freeze under it.
  */
 import { errAsync, ResultAsync } from "neverthrow";
 import type { Logger } from "../log.js";
@@ -26,13 +31,10 @@ export function withFrozenGuest<T, E>(
     .andThen((agent) =>
       agent
         .freeze()
-        .mapErr((error): QuiesceError<E> => ({ stage: "freeze", error }))
-        .orElse((e) => {
-          // A failed freeze may have frozen some filesystems: thaw to be safe.
-          return agent
-            .thaw()
-            .andThen(() => errAsync(e))
-            .orElse(() => errAsync(e));
+        .mapErr((error): QuiesceError<E> => {
+          if (error.code === "agent-timeout")
+            log.error({ agentError: error }, "guest freeze timed out; if it completes later, the guest stays frozen until thawed");
+          return { stage: "freeze", error };
         })
         .andThen(() =>
           ResultAsync.fromSafePromise(
