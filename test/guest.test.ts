@@ -23,8 +23,10 @@ async function e2fsckClean(image: string, dir: string): Promise<{ code: number; 
   const raw = join(dir, `fsck-${Date.now()}.raw`);
   await execFileP("qemu-img", ["convert", "-U", "-O", "raw", image, raw]);
   try {
+    // the superblock's features: a filesystem caught mid-transaction has needs_recovery (a journal to replay)
+    const features = (await execFileP("dumpe2fs", ["-h", raw])).stdout.split("\n").find((l) => l.startsWith("Filesystem features:"));
     const r = await execFileP("e2fsck", ["-fn", raw]);
-    return { code: 0, out: r.stdout + r.stderr };
+    return { code: 0, out: `${features}\n${r.stdout}${r.stderr}` };
   } catch (e) {
     const x = e as { code?: number; stdout?: string; stderr?: string };
     return { code: x.code ?? 1, out: `${x.stdout ?? ""}${x.stderr ?? ""}` };
@@ -118,6 +120,7 @@ for (const iothread of [false, true]) {
     ] as const) {
       const fsck = await e2fsckClean(image, g.dir);
       t.equal(fsck.code, 0, `${what}: e2fsck -fn finds it clean\n${fsck.out}`);
+      t.match(fsck.out, /^Filesystem features:.*has_journal/, `${what}: features read`);
       t.notMatch(fsck.out, /recovering journal|needs_recovery/, `${what}: no journal to replay`);
       const m = await checkManifest(image, g.dir);
       t.ok(m.files > 0, `${what}: ${m.files} files in the manifest`);
@@ -135,6 +138,7 @@ for (const iothread of [false, true]) {
     (await g.monitor.execute("block-dirty-bitmap-add", { node: g.disks[0]!.node, name: "c3" }))._unsafeUnwrap();
     const failed = await failing;
     t.not(failed.code, 0, `the backup failed: ${failed.stderr.trim()}`);
+    t.match(failed.stderr, /c3/, "in its transaction (the bitmap c3 exists)");
     await until("the guest's thaw after the failure", async () => hookThaws() === freezes());
     const agent = (await GuestAgentClient.connect(g.agentPath))._unsafeUnwrap();
     t.equal((await agent.status())._unsafeUnwrap(), "thawed", "the guest agent reports thawed");
