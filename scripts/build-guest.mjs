@@ -38,11 +38,16 @@ const WANTED = ["virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", 
 
 function fail(msg) {
   console.error(`build-guest: ${msg}`);
+  console.error(
+    "build-guest: the guest needs a Debian (bookworm) host with apt-get and its package sources reachable " +
+      "(linux-image-6.1.0-*-amd64, busybox-static, qemu-guest-agent), and the libraries qemu-ga links against",
+  );
   process.exit(1);
 }
 
 function run(cmd, args, opts = {}) {
   const r = spawnSync(cmd, args, { encoding: "utf8", ...opts });
+  if (r.error !== undefined) fail(`cannot run '${cmd}': ${r.error.message}`);
   if (r.status !== 0) fail(`'${cmd} ${args.join(" ")}' failed (exit ${r.status ?? r.signal}): ${(r.stderr ?? "").trim()}`);
   return r.stdout ?? "";
 }
