@@ -157,6 +157,16 @@ for (const iothread of [false, true]) {
     t.equal((await agent.status())._unsafeUnwrap(), "thawed", "the guest agent reports thawed");
     agent.close();
     t.same(await leftovers(g.monitor), [], "nothing left in QEMU");
+
+    // another client holds the agent (QEMU serves one at a time): --quiesce times out; once it leaves, --quiesce works again
+    const holder = (await GuestAgentClient.connect(g.agentPath))._unsafeUnwrap();
+    const blocked = await q("checkpoint-create-as", "g1", "c4", "--quiesce");
+    t.not(blocked.code, 0, `quiesce behind another agent client fails: ${blocked.stderr.trim()}`);
+    holder.close();
+    await new Promise((r) => setTimeout(r, 200));
+    before = freezes();
+    await ok("checkpoint-create-as", "g1", "c4", "--quiesce");
+    await frozeOnce(before, "checkpoint after the other client left");
     t.comment(`test took ${Date.now() - t0} ms`);
   });
 }
