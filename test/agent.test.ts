@@ -100,3 +100,22 @@ t.test("with the real qemu-ga in a Linux guest", async (t) => {
     t.equal((await check.thaw())._unsafeUnwrap(), 1);
   });
 });
+
+t.test("a freeze of ours that timed out is thawed once the agent answers again", async (t) => {
+  const agent = await startFakeAgent(t);
+  agent.onFreeze = () => new Promise((r) => setTimeout(r, 500));
+  let ran = false;
+  const r = await withFrozenGuest(
+    agent.path,
+    silentLogger,
+    () => {
+      ran = true;
+      return okAsync(1);
+    },
+    { freezeTimeoutMs: 100 },
+  );
+  t.equal(r.isErr() && r.error.stage === "freeze" && r.error.error.code, "agent-timeout");
+  t.notOk(ran, "the action did not run unfrozen");
+  t.equal(agent.state, "thawed", "the freeze completed late and was thawed");
+  t.equal(agent.log.filter((c) => c === "guest-fsfreeze-thaw").length, 1);
+});

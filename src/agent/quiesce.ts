@@ -8,6 +8,8 @@
  * of ours to undo. qemu-ga rolls back a freeze that fails part-way itself, and
  * the usual failure, "the agent is in frozen state", means another client
  * froze the guest: thawing then would end that client's freeze under it.
+ * A freeze that timed out is ours though (qemu-ga had it), and may complete
+ * later: it is thawed over a new connection.
  */
 import { errAsync, ResultAsync } from "neverthrow";
 import type { Logger } from "../log.js";
@@ -19,6 +21,7 @@ export function withFrozenGuest<T, E>(
   agentPath: string | undefined,
   log: Logger,
   action: () => ResultAsync<T, E>,
+  opts: { readonly freezeTimeoutMs?: number } = {},
 ): ResultAsync<T, QuiesceError<E>> {
   if (agentPath === undefined) {
     return errAsync({
@@ -30,11 +33,16 @@ export function withFrozenGuest<T, E>(
     .mapErr((error): QuiesceError<E> => ({ stage: "freeze", error }))
     .andThen((agent) =>
       agent
-        .freeze()
-        .mapErr((error): QuiesceError<E> => {
-          if (error.code === "agent-timeout")
-            log.error({ agentError: error }, "guest freeze timed out; if it completes later, the guest stays frozen until thawed");
-          return { stage: "freeze", error };
+        .freeze(opts.freezeTimeoutMs)
+        .orElse((error) => {
+          if (error.code !== "agent-timeout") return errAsync<number, QuiesceError<E>>({ stage: "freeze", error });
+          // Our freeze reached qemu-ga (the sync before it was answered) and may
+          // still complete: it is ours, so undo it over a new connection (the
+          // timed-out one is closed) rather than leave the guest frozen.
+          agent.close();
+          return ResultAsync.fromSafePromise(thawAfterTimeout(agentPath, log)).andThen(() =>
+            errAsync<number, QuiesceError<E>>({ stage: "freeze", error }),
+          );
         })
         .andThen(() =>
           ResultAsync.fromSafePromise(
@@ -53,4 +61,16 @@ export function withFrozenGuest<T, E>(
           return e;
         }),
     );
+}
+
+/** Thaw after our own freeze timed out: once the agent answers again, thaw whatever that freeze did. */
+async function thawAfterTimeout(agentPath: string, log: Logger): Promise<void> {
+  const r = await GuestAgentClient.connect(agentPath, 30_000).andThen((a) =>
+    a.thaw().map((n) => {
+      a.close();
+      return n;
+    }),
+  );
+  if (r.isErr()) log.error({ agentError: r.error }, "guest freeze timed out and the guest could not be thawed; it may stay frozen");
+  else log.warn({ thawed: r.value }, "guest freeze timed out; thawed what it froze");
 }

@@ -21,6 +21,7 @@ export interface FakeAgent {
 export async function startFakeAgent(t: Teardown, opts: { staleBytes?: string } = {}): Promise<FakeAgent> {
   const path = join(tempDir(t), "qga.sock");
   const agent: FakeAgent = { path, log: [], state: "thawed", failFreeze: undefined, onFreeze: undefined };
+  let busy: Promise<void> | undefined;
   const server = net.createServer((sock) => {
     sock.on("error", () => {});
     if (opts.staleBytes) sock.write(opts.staleBytes); // output left over from an earlier client
@@ -38,16 +39,20 @@ export async function startFakeAgent(t: Teardown, opts: { staleBytes?: string } 
         const send = (o: unknown) => sock.write(`${JSON.stringify(o)}\n`);
         switch (msg.execute) {
           case "guest-sync-delimited":
-            sock.write(Buffer.from([0xff]));
-            send({ return: msg.arguments?.id });
+            // qemu-ga runs one command at a time: a freeze in progress holds up every client's sync
+            void (busy ?? Promise.resolve()).then(() => {
+              sock.write(Buffer.from([0xff]));
+              send({ return: msg.arguments?.id });
+            });
             break;
           case "guest-fsfreeze-freeze":
             if (agent.onFreeze !== undefined) {
               const hook = agent.onFreeze;
               agent.onFreeze = undefined;
-              void hook().then(() => {
+              busy = hook().then(() => {
                 agent.state = "frozen";
                 send({ return: 2 });
+                busy = undefined;
               });
             } else if (agent.failFreeze !== undefined) {
               send({ error: { class: "GenericError", desc: agent.failFreeze } });
