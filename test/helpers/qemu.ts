@@ -110,7 +110,11 @@ export interface VmOptions {
   readonly runAs?: { readonly uid: number; readonly gid: number };
 }
 
-function spawnQemu(t: Teardown, bin: string, args: string[]): { proc: ChildProcess; stderr: () => string; exited: QemuProcess["exited"] } {
+export function spawnQemu(
+  t: Teardown,
+  bin: string,
+  args: string[],
+): { proc: ChildProcess; stderr: () => string; exited: QemuProcess["exited"] } {
   const proc = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"] });
   live.add(proc);
   let err = "";
@@ -132,7 +136,7 @@ function spawnQemu(t: Teardown, bin: string, args: string[]): { proc: ChildProce
   return { proc, stderr: () => err, exited };
 }
 
-async function finish(
+export async function finish(
   t: Teardown,
   dir: string,
   qmpPath: string,
