@@ -59,6 +59,12 @@ export async function startLibvirtVm(t: Teardown, fixture: string, size = "16M")
     }
     argv.push(a.replaceAll(FIXTURE_DIR, `${dir}/`));
   }
+  // libvirt probed the system's QEMU 7.2; for a QEMU without -no-acpi (removed in 9.0) it emits -machine acpi=off instead
+  if (argv.includes("-no-acpi") && !(await execFileP("qemu-system-x86_64", ["-help"])).stdout.includes("-no-acpi")) {
+    argv.splice(argv.indexOf("-no-acpi"), 1);
+    const m = argv.indexOf("-machine") + 1;
+    argv[m] = `${argv[m]},acpi=off`;
+  }
   const blockdevs = values(argv, "-blockdev").map((j) => JSON.parse(j) as BlockdevArg);
   const byNode = new Map(blockdevs.map((b) => [b["node-name"], b]));
   const fileOf = (formatNode: string) => byNode.get(byNode.get(formatNode)?.file ?? "")?.filename;
