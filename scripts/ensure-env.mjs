@@ -99,12 +99,18 @@ function fetchQemu10() {
   const list = join(work, "sources.list");
   writeFileSync(list, `deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${systemMirror()} bookworm-backports main\n`);
   const opts = [
-    "-o", `Dir::Etc::sourcelist=${list}`,
-    "-o", "Dir::Etc::sourceparts=/dev/null",
-    "-o", `Dir::State::Lists=${join(work, "lists")}`,
-    "-o", `Dir::Cache=${join(work, "cache")}`,
-    "-o", "APT::Get::List-Cleanup=0",
-    "-o", "APT::Sandbox::User=root",
+    "-o",
+    `Dir::Etc::sourcelist=${list}`,
+    "-o",
+    "Dir::Etc::sourceparts=/dev/null",
+    "-o",
+    `Dir::State::Lists=${join(work, "lists")}`,
+    "-o",
+    `Dir::Cache=${join(work, "cache")}`,
+    "-o",
+    "APT::Get::List-Cleanup=0",
+    "-o",
+    "APT::Sandbox::User=root",
   ];
   const quiet = { stdio: ["ignore", "ignore", "inherit"] };
   let r = spawnSync("apt-get", [...opts, "update", "-q"], quiet);

@@ -23,7 +23,9 @@ function versionOf(bin) {
 }
 
 const chosen = process.env.QBACKUPD_QEMU_BIN;
-const bins = chosen ? [chosen] : ["system", join(cacheRoot, "qemu-10.0.2", "usr", "bin")].filter((b) => b === "system" || existsSync(join(b, "qemu-system-x86_64")));
+const bins = chosen
+  ? [chosen]
+  : ["system", join(cacheRoot, "qemu-10.0.2", "usr", "bin")].filter((b) => b === "system" || existsSync(join(b, "qemu-system-x86_64")));
 
 function runOnce(bin) {
   const version = versionOf(bin);
