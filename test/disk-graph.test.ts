@@ -116,6 +116,24 @@ t.test("a named backing node is not a disk: incremental from a checkpoint works,
   t.same(await leftovers(d.client), []);
 });
 
+t.test("block-stream into the overlay: while it runs and after, one disk; the streamed-from base is no disk while it backs", async (t) => {
+  const dir = tempDir(t);
+  const d = await testDomain(t, "st", [], undefined, { extraArgs: await libvirtChainArgs(dir) });
+  const mon = d.vm.monitor;
+  (await mon.executeRaw("block-stream", { "job-id": "fs", device: "libvirt-1-format", speed: 65536 }))._unsafeUnwrap();
+  await waitJob(mon, "fs", "running");
+  t.same(await diskList(d.client), [{ name: "virtio-disk0", node: "libvirt-1-format" }], "during the stream");
+  (await mon.executeRaw("block-job-set-speed", { device: "fs", speed: 0 }))._unsafeUnwrap();
+  await waitJob(mon, "fs", "gone");
+  // the base no longer backs anything; libvirt deletes it, and so does this test
+  (await mon.execute("blockdev-del", { "node-name": "libvirt-2-format" }))._unsafeUnwrap();
+  (await mon.execute("blockdev-del", { "node-name": "libvirt-2-storage" }))._unsafeUnwrap();
+  t.same(await diskList(d.client), [{ name: "virtio-disk0", node: "libvirt-1-format" }], "after the stream");
+  const full = await settledBackup(jobManager(d.backupDir), d, undefined, undefined);
+  t.equal(full.state, "ready", full.error ?? "");
+  t.same(await leftovers(d.client), []);
+});
+
 /** A foreign job that stays running: a throttled backup (copy-before-write above the disk), or a mirror in ready state (mirror_top). */
 async function foreignJob(mon: QmpClient, kind: "backup" | "mirror"): Promise<void> {
   (await mon.executeRaw("blockdev-add", { driver: "null-co", "node-name": "foreign-target", size: 64 * MiB }))._unsafeUnwrap();
