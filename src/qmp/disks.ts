@@ -6,10 +6,10 @@
  * virtio-backend" → "vda"), or by the legacy drive name, or — for nodes no
  * device uses, as in qemu-storage-daemon — by its node-name.
  */
-import type { ResultAsync } from "neverthrow";
+import { errAsync, type ResultAsync } from "neverthrow";
 import type { QmpClient } from "./client.js";
 import type { QmpError } from "./errors.js";
-import type { BlockDeviceInfo, BlockDirtyInfo, BlockInfo } from "./qapi.js";
+import type { BlockDeviceInfo, BlockDirtyInfo, BlockInfo, XDbgBlockGraph } from "./qapi.js";
 
 export interface DirtyBitmap {
   readonly name: string;
@@ -76,8 +76,84 @@ function diskFrom(name: string, qdev: string | undefined, n: BlockDeviceInfo): D
   };
 }
 
-/** Pure: build the disk list from query-block and query-named-block-nodes(flat). */
-export function disksFromQuery(blocks: readonly BlockInfo[], nodes: readonly BlockDeviceInfo[]): DiskInfo[] {
+/**
+ * Filter drivers: a node of one of these passes I/O to one child and holds no
+ * data of its own. Block jobs insert them above a disk (copy-before-write for
+ * backup, mirror_top for mirror and active commit, commit_top, throttle…), and
+ * query-block then reports the filter as the device's node: the disk, its
+ * bitmaps and its size are the node below.
+ */
+const FILTER_DRIVERS = new Set([
+  "copy-before-write",
+  "throttle",
+  "mirror_top",
+  "commit_top",
+  "compress",
+  "preallocate",
+  "copy-on-read",
+  "blklogwrites",
+  "blkreplay",
+]);
+
+/** The child a filter passes I/O to: "file" for most, "backing" for the job filters (mirror_top, commit_top). */
+const FILTER_CHILD_ROLES = ["file", "backing"] as const;
+
+/** The block graph as discovery needs it: each node's children by role, and which nodes another node uses. */
+interface Graph {
+  /** node-name → role → child node-name */
+  readonly children: ReadonlyMap<string, ReadonlyMap<string, string>>;
+  /** node-names that are a child of another block-driver node (backing, file, target…): never a disk of their own. */
+  readonly hasDriverParent: ReadonlySet<string>;
+}
+
+function graphFrom(g: XDbgBlockGraph): Graph {
+  const byId = new Map(g.nodes.map((n) => [n.id, n]));
+  const children = new Map<string, Map<string, string>>();
+  const hasDriverParent = new Set<string>();
+  for (const e of g.edges) {
+    const p = byId.get(e.parent);
+    const c = byId.get(e.child);
+    if (p?.type !== "block-driver" || c?.type !== "block-driver") continue;
+    const roles = children.get(p.name) ?? new Map<string, string>();
+    children.set(p.name, roles);
+    roles.set(e.name, c.name);
+    hasDriverParent.add(c.name);
+  }
+  return { children, hasDriverParent };
+}
+
+/** From the node a device or export is attached to, down through filters to the node that holds the disk. */
+function throughFilters(top: string, nodes: ReadonlyMap<string, BlockDeviceInfo>, graph: Graph): string[] {
+  const path = [top];
+  // a graph has no cycles; the bound only guards against a malformed answer
+  for (let i = 0; i < 32; i++) {
+    const cur = path[path.length - 1]!;
+    const n = nodes.get(cur);
+    if (n === undefined || !FILTER_DRIVERS.has(n.drv)) break;
+    const roles = graph.children.get(cur);
+    const next = FILTER_CHILD_ROLES.map((r) => roles?.get(r)).find((x) => x !== undefined);
+    if (next === undefined) break;
+    path.push(next);
+  }
+  return path;
+}
+
+function isSpareCandidate(nn: string | undefined): nn is string {
+  return nn !== undefined && !nn.startsWith("#") && !nn.startsWith(OWN_NODE_PREFIX);
+}
+
+/**
+ * Pure: build the disk list from query-block, query-named-block-nodes(flat)
+ * and the block graph. A disk is what a device (or, in a storage daemon, no
+ * one or an export) has at the root of its tree, looked through filters; a
+ * node that is another node's child — a backing image, a filter's child, a
+ * job's target — is never a disk. (`flat` answers carry no backing-image,
+ * so the graph is the only place that says which node backs which.)
+ */
+export function disksFromGraph(blocks: readonly BlockInfo[], nodes: readonly BlockDeviceInfo[], g: XDbgBlockGraph): DiskInfo[] {
+  const graph = graphFrom(g);
+  const byName = new Map<string, BlockDeviceInfo>();
+  for (const n of nodes) if (n["node-name"] !== undefined) byName.set(n["node-name"], n);
   const disks: DiskInfo[] = [];
   const used = new Set<string>();
   for (const b of blocks) {
@@ -85,26 +161,78 @@ export function disksFromQuery(blocks: readonly BlockInfo[], nodes: readonly Blo
     if (ins === undefined) continue; // no medium: nothing to back up
     const name = b.qdev !== undefined && b.qdev !== "" ? diskNameFromQdev(b.qdev) : b.device;
     if (name === "") continue;
-    if (ins["node-name"] !== undefined) used.add(ins["node-name"]);
-    disks.push(diskFrom(name, b.qdev, ins));
+    const top = ins["node-name"];
+    if (top === undefined) {
+      disks.push(diskFrom(name, b.qdev, ins));
+      continue;
+    }
+    const path = throughFilters(top, byName, graph);
+    for (const p of path) used.add(p);
+    disks.push(diskFrom(name, b.qdev, byName.get(path[path.length - 1]!) ?? ins));
   }
-  // Named format nodes no device uses (qemu-storage-daemon, or a VM's spare nodes).
-  // Skip auto-named nodes (#blockNNN) and nodes that are another node's backing image.
+  // Named format nodes no device uses (qemu-storage-daemon, or a VM's spare nodes): the roots of
+  // the remaining trees, each looked through its filters (a job on a storage daemon's disk puts
+  // an auto-named filter above it).
   const spare: DiskInfo[] = [];
-  const backingFiles = new Set(nodes.map((n) => n.image["backing-image"]?.filename).filter((f) => f !== undefined));
   for (const n of nodes) {
-    const nn = n["node-name"];
-    if (nn === undefined || nn.startsWith("#") || nn.startsWith(OWN_NODE_PREFIX) || used.has(nn) || !FORMAT_DRIVERS.has(n.drv)) continue;
-    if (backingFiles.has(n.image.filename)) continue;
-    spare.push(diskFrom(nn, undefined, n));
+    const root = n["node-name"];
+    if (root === undefined || used.has(root) || graph.hasDriverParent.has(root)) continue;
+    const path = throughFilters(root, byName, graph);
+    const nn = path[path.length - 1]!;
+    const real = byName.get(nn);
+    if (!isSpareCandidate(nn) || used.has(nn) || real === undefined || !FORMAT_DRIVERS.has(real.drv)) continue;
+    for (const p of path) used.add(p);
+    spare.push(diskFrom(nn, undefined, real));
   }
   // QEMU lists nodes newest first; sort so names are stable across restarts.
   spare.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   return [...disks, ...spare];
 }
 
+/**
+ * The block graph; `x-debug-` because QEMU keeps the right to change it, so a
+ * QEMU that lacks it gets an empty graph: no filter is then looked through
+ * and backing nodes are told only by the nested (non-flat) backing chain.
+ */
+function blockGraph(client: QmpClient, nodes: readonly BlockDeviceInfo[]): ResultAsync<XDbgBlockGraph, QmpError> {
+  return client
+    .execute("x-debug-query-block-graph")
+    .orElse((e) => (e.code === "command" && e.errorClass === "CommandNotFound" ? backingGraph(client, nodes) : errAsync(e)));
+}
+
+/** A graph of backing edges only, from query-named-block-nodes without `flat` (nested backing-image). */
+function backingGraph(client: QmpClient, nodes: readonly BlockDeviceInfo[]): ResultAsync<XDbgBlockGraph, QmpError> {
+  return client.execute("query-named-block-nodes").map((deep) => {
+    const byFile = new Map<string, string>();
+    for (const n of nodes) if (n["node-name"] !== undefined) byFile.set(n.image.filename, n["node-name"]);
+    const gn: XDbgBlockGraph["nodes"] = [];
+    const edges: XDbgBlockGraph["edges"] = [];
+    const ids = new Map<string, number>();
+    const id = (name: string): number => {
+      let i = ids.get(name);
+      if (i === undefined) {
+        i = ids.size;
+        ids.set(name, i);
+        gn.push({ id: i, type: "block-driver", name });
+      }
+      return i;
+    };
+    for (const n of deep) {
+      const nn = n["node-name"];
+      const backing = n.image["backing-image"]?.filename;
+      const child = backing === undefined ? undefined : byFile.get(backing);
+      if (nn !== undefined && child !== undefined) edges.push({ parent: id(nn), child: id(child), name: "backing" });
+    }
+    return { nodes: gn, edges };
+  });
+}
+
 export function discoverDisks(client: QmpClient): ResultAsync<DiskInfo[], QmpError> {
   return client
     .execute("query-block")
-    .andThen((blocks) => client.execute("query-named-block-nodes", { flat: true }).map((nodes) => disksFromQuery(blocks, nodes)));
+    .andThen((blocks) =>
+      client
+        .execute("query-named-block-nodes", { flat: true })
+        .andThen((nodes) => blockGraph(client, nodes).map((g) => disksFromGraph(blocks, nodes, g))),
+    );
 }

@@ -59,6 +59,26 @@ export interface BlockDeviceInfo {
   "dirty-bitmaps"?: BlockDirtyInfo[];
 }
 
+/** x-debug-query-block-graph: the whole block graph, parents to children (QEMU ≥ 4.0). */
+export interface XDbgBlockGraphNode {
+  id: number;
+  type: "block-backend" | "block-job" | "block-driver";
+  /** node-name for block-driver nodes; the device name or qdev path for block backends. */
+  name: string;
+}
+
+export interface XDbgBlockGraphEdge {
+  parent: number;
+  child: number;
+  /** The child's role: "file", "backing", "target", "root", … */
+  name: string;
+}
+
+export interface XDbgBlockGraph {
+  nodes: XDbgBlockGraphNode[];
+  edges: XDbgBlockGraphEdge[];
+}
+
 export interface BlockInfo {
   device: string;
   qdev?: string;
@@ -236,6 +256,7 @@ export interface QmpCommandMap {
   "query-status": { args: NoArgs; ret: StatusInfo };
   "query-block": { args: NoArgs; ret: BlockInfo[] };
   "query-named-block-nodes": { args: NoArgs | { flat?: boolean }; ret: BlockDeviceInfo[] };
+  "x-debug-query-block-graph": { args: NoArgs; ret: XDbgBlockGraph };
   "blockdev-add": { args: BlockdevOptions; ret: Record<string, never> };
   "blockdev-del": { args: { "node-name": string }; ret: Record<string, never> };
   "blockdev-create": { args: { "job-id": string; options: BlockdevCreateOptions }; ret: Record<string, never> };
