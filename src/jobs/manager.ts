@@ -17,7 +17,7 @@ import { type CheckpointDef, checkpointDefParse } from "../conf/checkpoint.js";
 import type { Logger } from "../log.js";
 import { formatVersion } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
-import { type DiskInfo, discoverDisks, OWN_NODE_PREFIX } from "../qmp/disks.js";
+import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
 import type { QmpError } from "../qmp/errors.js";
 import { iothreadVerdict } from "../qmp/iothread-hazards.js";
 import { disksInIothreads, disksWithFuseExports, type IothreadDisk } from "../qmp/iothreads.js";
@@ -434,7 +434,7 @@ export class JobManager {
               });
             }
             const withPath: BackupDiskDef = { ...d, store: { ...d.store!, file: p.path } };
-            const plan = planDisk(i, ownNames(i, domain.name, jobId), withPath, source, checkpoints, planOpts, p.exists);
+            const plan = planDisk(ownNames(i, domain.name, jobId), withPath, source, checkpoints, planOpts, p.exists);
             if (typeof plan === "string") return errAsync<never, BackupError>({ code: "xml-invalid", message: plan });
             plans.push(plan);
           }

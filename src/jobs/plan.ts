@@ -93,7 +93,6 @@ export function tempBitmapName(disk: string): string {
 }
 
 export function planDisk(
-  i: number,
   names: ReturnType<typeof ownNames>,
   d: BackupDiskDef,
   source: DiskInfo,
