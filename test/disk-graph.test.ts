@@ -134,6 +134,40 @@ t.test("block-stream into the overlay: while it runs and after, one disk; the st
   t.same(await leftovers(d.client), []);
 });
 
+t.test("blockdev-reopen onto another backing node: still one disk, the new base is no disk, backups byte-exact", async (t) => {
+  const dir = tempDir(t);
+  const d = await testDomain(t, "ro", [], undefined, { extraArgs: await libvirtChainArgs(dir) });
+  const mon = d.vm.monitor;
+  // a copy of the base, opened as libvirt-3-*, then the overlay reopened onto it (as a tool moving a chain would)
+  const copy = join(dir, "base-copy.qcow2");
+  await execFileP("qemu-img", ["convert", "-O", "qcow2", join(dir, "base.qcow2"), copy]);
+  (
+    await mon.executeRaw("blockdev-add", { driver: "file", filename: copy, "node-name": "libvirt-3-storage", "auto-read-only": true })
+  )._unsafeUnwrap();
+  (
+    await mon.executeRaw("blockdev-add", {
+      "node-name": "libvirt-3-format",
+      "read-only": true,
+      driver: "qcow2",
+      file: "libvirt-3-storage",
+      backing: null,
+    })
+  )._unsafeUnwrap();
+  const top = { "node-name": "libvirt-1-format", "read-only": false, driver: "qcow2", file: "libvirt-1-storage" };
+  (await mon.executeRaw("blockdev-reopen", { options: [{ ...top, backing: "libvirt-3-format" }] }))._unsafeUnwrap();
+  (await mon.execute("blockdev-del", { "node-name": "libvirt-2-format" }))._unsafeUnwrap();
+  (await mon.execute("blockdev-del", { "node-name": "libvirt-2-storage" }))._unsafeUnwrap();
+  t.same(await diskList(d.client), [{ name: "virtio-disk0", node: "libvirt-1-format" }], "the new backing node is no disk");
+  const full = await settledBackup(jobManager(d.backupDir), d, undefined, undefined);
+  t.equal(full.state, "ready", full.error ?? "");
+  const flat = join(dir, "flat.qcow2");
+  // (the overlay's header still names the old base, whose data the copy has)
+  await execFileP("qemu-img", ["convert", "-U", "-O", "qcow2", join(dir, "top.qcow2"), flat]);
+  const same = await imagesIdentical(full.disks[0]!.file, flat);
+  t.ok(same.identical, `the backup is the disk as the guest sees it: ${same.output}`);
+  t.same(await leftovers(d.client), []);
+});
+
 /** A foreign job that stays running: a throttled backup (copy-before-write above the disk), or a mirror in ready state (mirror_top). */
 async function foreignJob(mon: QmpClient, kind: "backup" | "mirror"): Promise<void> {
   (await mon.executeRaw("blockdev-add", { driver: "null-co", "node-name": "foreign-target", size: 64 * MiB }))._unsafeUnwrap();
