@@ -40,12 +40,17 @@ export class ApiClient {
           res.on("error", (e) => resolve({ code: "unreachable", message: e.message }));
         },
       );
-      req.on("error", (e: NodeJS.ErrnoException) =>
-        resolve({
-          code: "unreachable",
-          message: `cannot reach qbackupd at ${this.socketPath}: ${e.code === "ENOENT" ? "no such socket (is the daemon running?)" : e.message}`,
-        }),
-      );
+      req.on("error", (e: NodeJS.ErrnoException) => {
+        const failed = () =>
+          resolve({
+            code: "unreachable",
+            message: `cannot reach qbackupd at ${this.socketPath}: ${e.code === "ENOENT" ? "no such socket (is the daemon running?)" : e.message}`,
+          });
+        // the daemon may answer (413: body too large) and close before the body is written:
+        // the write then fails, but the answer arrives a moment later and is the truth
+        if (e.code === "EPIPE" || e.code === "ECONNRESET") setTimeout(failed, 500);
+        else failed();
+      });
       if (payload !== undefined) req.write(payload);
       req.end();
     });
