@@ -10,6 +10,7 @@
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
+import { iothreadVerdict } from "../src/qmp/iothread-hazards.js";
 import { handBackups, rebaseOnto } from "./helpers/backup.js";
 import { cli, startDaemon } from "./helpers/daemon.js";
 import { leftovers } from "./helpers/domain.js";
@@ -65,7 +66,14 @@ for (const fixture of ["chain", "iothread", "scsi"]) {
     for (const i of vm.disks.keys()) await vm.write(i, 0x11 + i, 2 * MiB, MiB);
     const cp = join(vm.dir, "cp.xml");
     writeFileSync(cp, "<domaincheckpoint><name>c1</name></domaincheckpoint>");
-    await ok("backup-begin", "vm1", "", cp);
+    const first = await cli(d.socket, ["backup-begin", "vm1", "", cp]);
+    // QEMU 10.0 aborts on a push of a disk in an iothread (src/qmp/iothread-hazards.ts): refused, checkpoints instead
+    const pushRefused = first.code !== 0 && /push backups of disks in an iothread are refused on QEMU/.test(first.stderr);
+    if (pushRefused) {
+      t.notOk(iothreadVerdict(vm.monitor.version.qemu, "push").safe, `refused only where the table says so: ${first.stderr}`);
+      return pushRefusedRest();
+    }
+    t.equal(first.code, 0, first.stderr);
     await ok("wait", "vm1", "--timeout", "60");
     const at1 = await snap("at1");
     const full = await completed();
@@ -98,38 +106,49 @@ for (const fixture of ["chain", "iothread", "scsi"]) {
       t.ok(c2.identical, `full + incremental = disk ${names[i]} at c2: ${c2.output}`);
     }
 
-    // pull: the export serves the disk as it is
-    await vm.write(0, 0x31, 8 * MiB, 64 * KiB);
-    const at3 = await snap("at3");
-    const sock = join(d.stateDir, "backups", "nbd.sock");
-    const px = join(vm.dir, "pull.xml");
-    writeFileSync(
-      px,
-      `<domainbackup mode='pull'><incremental>c2</incremental><server transport='unix' socket='${sock}'/>${disksXml}</domainbackup>`,
-    );
-    const pull = await cli(d.socket, ["backup-begin", "vm1", px]);
-    if (pull.code !== 0 && /iothread are refused on QEMU 7\./.test(pull.stderr)) {
-      t.pass("QEMU 7.2: a pull of a disk in an iothread is refused, as documented");
-    } else {
-      t.equal(pull.code, 0, pull.stderr);
-      await ok("wait", "vm1", "--timeout", "60");
-      for (const i of incIdx) {
-        const c = await imagesIdentical(`nbd+unix:///${names[i]}?socket=${sock}`, at3[i]!);
-        t.ok(c.identical, `pull export ${names[i]} = disk at pull time: ${c.output}`);
-      }
-      await ok("domjobabort", "vm1");
+    return pullAndDelete();
+
+    /** On a QEMU that refuses the pushes: the checkpoints made directly, then the same pull and delete. */
+    async function pushRefusedRest() {
+      await ok("checkpoint-create-as", "vm1", "c1");
+      await ok("checkpoint-create-as", "vm1", "c2");
+      return pullAndDelete();
     }
 
-    // checkpoint delete: the bitmaps go from the disk nodes, none ever were on a backing node
-    await ok("checkpoint-delete", "vm1", "c1");
-    t.equal((await ok("checkpoint-list", "vm1", "--name")).stdout, "c0\nc2\n");
-    const nodes = (await vm.monitor.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
-    for (const n of nodes) {
-      const bitmaps = (n["dirty-bitmaps"] ?? []).flatMap((b) => (b.name === undefined ? [] : [b.name])).sort();
-      const node = n["node-name"] ?? "";
-      if (vm.disks.some((x) => x.node === node && x.format !== "raw")) t.same(bitmaps, ["c0", "c2"], `bitmaps on ${node}`);
-      else t.same(bitmaps, [], `no bitmaps on ${node}`);
+    async function pullAndDelete() {
+      // pull: the export serves the disk as it is
+      await vm.write(0, 0x31, 8 * MiB, 64 * KiB);
+      const at3 = await snap("at3");
+      const sock = join(d.stateDir, "backups", "nbd.sock");
+      const px = join(vm.dir, "pull.xml");
+      writeFileSync(
+        px,
+        `<domainbackup mode='pull'><incremental>c2</incremental><server transport='unix' socket='${sock}'/>${disksXml}</domainbackup>`,
+      );
+      const pull = await cli(d.socket, ["backup-begin", "vm1", px]);
+      if (pull.code !== 0 && /iothread are refused on QEMU 7\./.test(pull.stderr)) {
+        t.pass("QEMU 7.2: a pull of a disk in an iothread is refused, as documented");
+      } else {
+        t.equal(pull.code, 0, pull.stderr);
+        await ok("wait", "vm1", "--timeout", "60");
+        for (const i of incIdx) {
+          const c = await imagesIdentical(`nbd+unix:///${names[i]}?socket=${sock}`, at3[i]!);
+          t.ok(c.identical, `pull export ${names[i]} = disk at pull time: ${c.output}`);
+        }
+        await ok("domjobabort", "vm1");
+      }
+
+      // checkpoint delete: the bitmaps go from the disk nodes, none ever were on a backing node
+      await ok("checkpoint-delete", "vm1", "c1");
+      t.equal((await ok("checkpoint-list", "vm1", "--name")).stdout, "c0\nc2\n");
+      const nodes = (await vm.monitor.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
+      for (const n of nodes) {
+        const bitmaps = (n["dirty-bitmaps"] ?? []).flatMap((b) => (b.name === undefined ? [] : [b.name])).sort();
+        const node = n["node-name"] ?? "";
+        if (vm.disks.some((x) => x.node === node && x.format !== "raw")) t.same(bitmaps, ["c0", "c2"], `bitmaps on ${node}`);
+        else t.same(bitmaps, [], `no bitmaps on ${node}`);
+      }
+      t.same(await leftovers(vm.monitor), []);
     }
-    t.same(await leftovers(vm.monitor), []);
   });
 }
