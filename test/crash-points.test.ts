@@ -16,9 +16,13 @@ const MiB = 1024 * 1024;
 
 const STARTING = ["begin:files", "begin:nodes", "begin:transaction", "begin:checkpoint"] as const;
 const FINISHING = ["concluded:dismiss", "ready:sync", "ready:record"] as const;
+// after a step, before the record says so: recovery must learn from QEMU and the
+// checkpoint store (issue 11: B6, the checkpoint committed but not recorded; B5,
+// the NBD server started but not recorded)
+const STEP_DONE = ["begin:transaction:done", "begin:checkpoint:done"] as const;
 const CASES: { point: string; mode: "push" | "pull" }[] = [
-  ...STARTING.map((point) => ({ point, mode: "push" as const })),
-  ...[...STARTING, "begin:exports"].map((point) => ({ point, mode: "pull" as const })),
+  ...[...STARTING, ...STEP_DONE].map((point) => ({ point, mode: "push" as const })),
+  ...[...STARTING, "begin:exports", "begin:checkpoint:done", "begin:exports:done"].map((point) => ({ point, mode: "pull" as const })),
   ...FINISHING.map((point) => ({ point, mode: "push" as const })),
 ];
 
@@ -69,10 +73,14 @@ for (const { point, mode } of CASES) {
     }
     t.same(await leftovers(vm.monitor), [], "no node, job, export or temporary bitmap left in QEMU");
     t.notOk(existsSync(recFile), "no job record left");
-    // and the domain backs up normally again
-    const again = await cli(d2.socket, ["--json", "backup-begin", "vm"]);
+    // and the domain backs up normally again (a pull on the same socket: no NBD server of the old job is left)
+    const again = await cli(d2.socket, ["--json", "backup-begin", "vm", ...(mode === "pull" ? [bx] : [])]);
     t.equal(again.code, 0, again.stderr);
     t.equal(JSON.parse((await cli(d2.socket, ["--json", "wait", "vm", "--timeout", "30"])).stdout).state, "ready");
+    if (mode === "pull") {
+      t.ok(await rangeHolds(`nbd+unix:///vda?socket=${sock}`, "raw", 0x5a, 0, 4 * MiB), "the new pull serves vda");
+      t.equal((await cli(d2.socket, ["domjobabort", "vm"])).code, 0, "the new pull ends");
+    }
   });
 }
 

@@ -33,6 +33,7 @@ export function httpStatus(code: ApiErrorCode): number {
       return 404;
     case "duplicate":
     case "busy":
+    case "aborted":
     case "target-exists":
     case "bitmap-missing":
     case "checkpoint-invalid":

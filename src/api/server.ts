@@ -14,8 +14,8 @@ import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import { parseDomainConfig } from "../conf/config.js";
 import type { Domain, DomainEvent, DomainRegistry } from "../daemon/domains.js";
 import type { Metrics } from "../daemon/metrics.js";
-import type { JobEvent } from "../jobs/job.js";
 import type { JobManager } from "../jobs/manager.js";
+import type { JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import { type ApiError, errorBody, httpStatus } from "./errors.js";
 

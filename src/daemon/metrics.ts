@@ -2,7 +2,7 @@
  * Prometheus metrics, rendered in the text exposition format. Few enough
  * series that a library would add more than it saves.
  */
-import type { JobEvent } from "../jobs/job.js";
+import type { JobEvent } from "../jobs/model.js";
 import type { DomainRegistry } from "./domains.js";
 
 export class Metrics {

@@ -19,6 +19,8 @@ export type BackupError =
   | { readonly code: "image"; readonly message: string }
   /** Waiting for the job took longer than asked. */
   | { readonly code: "timeout"; readonly message: string }
+  /** The backup was aborted by request while it was starting (nothing of it is left). */
+  | { readonly code: "aborted"; readonly message: string }
   /** The backup job ran and failed. */
   | { readonly code: "job-failed"; readonly message: string };
 

@@ -1,172 +1,111 @@
 /**
- * One backup job on one domain: begin → inprogress → ready, or failed /
- * cancelled. Begin builds everything first (files, nodes), then starts every
- * disk's job in one transaction, then (pull) serves the exports; each step
- * sets a flag, and teardown undoes exactly what the flags say happened
- * (libvirt's qemuBackupBegin habit). The disks are one unit: when one disk's
- * job fails the others are cancelled and the whole backup fails, and a
- * checkpoint created with it is removed.
+ * One backup job on one domain. Its phase (transitions.ts) changes only in
+ * `transition()`, checked against the table; what exists in QEMU is in the
+ * per-disk and job-wide flags (model.ts). Begin runs the steps of
+ * begin-steps.ts in order, writing the record before each acts and checking
+ * between steps whether an abort was asked for; an abort during begin only
+ * marks the job, and begin itself then runs the undo. Every end — success,
+ * failure, abort, a begin that failed — goes through `finish()`, which runs
+ * at most once: undo in QEMU until QEMU confirms (undo.ts), then the files,
+ * the checkpoint and the record (finish steps below).
  *
  * Driven by QEMU's JOB_STATUS_CHANGE events; `query-jobs` is the truth about
  * a job's outcome (auto-dismiss is off, so a concluded job stays readable
  * until we dismiss it).
+ *
+ * What this class must never do: unlink a file QEMU may still have open
+ * (files go only after undo saw their nodes gone, or QEMU is dead), answer
+ * "cancelled" or "ready" before that answer is true and recorded, or change
+ * its phase outside transition().
  */
-
 import { existsSync } from "node:fs";
-import { err, errAsync, okAsync, ResultAsync } from "neverthrow";
-import type { CheckpointManager, PreparedCheckpoint } from "../checkpoints/manager.js";
-import { type BackupDef, backupDefFormat } from "../conf/backup.js";
+import { err, ok, okAsync, type Result, ResultAsync } from "neverthrow";
+import { backupDefFormat } from "../conf/backup.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { EventListener } from "../qmp/events.js";
 import { crashPoint } from "../util/crash-point.js";
 import { stillListening } from "../util/listening.js";
+import { backupCommitCheckpoint, backupDiskAddNodes, backupDiskCreateFiles, backupStartExports, backupStartJobs } from "./begin-steps.js";
 import type { BackupError } from "./errors.js";
-import { imageCreate, imageRemove } from "./images.js";
-import { backupTransaction, type DiskPlan, exportArgs, type PlanOptions, targetBlockdev } from "./plan.js";
-import type { JobRecord, JobStore } from "./record.js";
-import type { WritebackPump } from "./writeback.js";
+import { imageRemove } from "./images.js";
+import {
+  type BackupJobInfo,
+  type BeginStep,
+  type DiskRuntime,
+  type JobContext,
+  type JobEventType,
+  type JobFlags,
+  type JobOutcome,
+  type JobState,
+  newDiskRuntime,
+} from "./model.js";
+import { isOwnName } from "./plan.js";
+import { readQemuState } from "./qemu-state.js";
+import { reconcileRecord } from "./reconcile.js";
+import type { JobRecord } from "./record.js";
+import { checkTransition, type JobPhase, reportedState } from "./transitions.js";
+import { undoInQemu } from "./undo.js";
 
-export type JobState = "begin" | "inprogress" | "ready" | "failed" | "cancelled";
-export type DiskJobState = "begin" | "running" | "complete" | "failed" | "cancelled";
+export type { BackupJobInfo, JobEvent, JobState, NbdServerPlan } from "./model.js";
 
-export interface DiskProgress {
-  readonly name: string;
-  readonly state: DiskJobState;
-  readonly bytesDone: number;
-  readonly bytesTotal: number;
-  readonly file: string;
-  readonly exportName?: string | undefined;
-  readonly exportBitmap?: string | undefined;
-  readonly error?: string | undefined;
-}
-
-export interface JobInfo {
-  readonly id: string;
-  readonly domain: string;
-  readonly mode: BackupDef["mode"];
-  readonly state: JobState;
-  /** True until torn down (a ready pull stays active until ended). */
-  readonly active: boolean;
-  readonly incremental: string | undefined;
-  readonly checkpoint: string | undefined;
-  readonly startedAt: string;
-  readonly endedAt: string | undefined;
-  readonly elapsedMs: number;
-  readonly bytesDone: number;
-  readonly bytesTotal: number;
-  /** Bytes per second over the job so far. */
-  readonly rate: number;
-  readonly error: string | undefined;
-  readonly nbd: string | undefined;
-  /** Push: ready means written out to disk (false: ready once copied). */
-  readonly durable: boolean | undefined;
-  readonly disks: readonly DiskProgress[];
-}
-
-export type JobEventType = "started" | "progress" | "ready" | "failed" | "cancelled" | "ended";
-export interface JobEvent {
-  readonly type: JobEventType;
-  readonly info: JobInfo;
-}
-
-export interface JobContext {
-  readonly id: string;
-  readonly domain: string;
-  readonly client: QmpClient;
-  readonly checkpoints: CheckpointManager;
-  readonly def: BackupDef;
-  readonly plans: readonly DiskPlan[];
-  readonly planOpts: PlanOptions;
-  readonly checkpoint: PreparedCheckpoint | undefined;
-  readonly nbd: NbdServerPlan | undefined;
-  /** Runs the transaction, with the guest frozen when asked. */
-  readonly runTransaction: (tx: () => ResultAsync<void, BackupError>) => ResultAsync<void, BackupError>;
-  readonly logger: Logger;
-  readonly emit: (e: JobEvent) => void;
-  /** Durable job record (undefined: not persisted, as in unit tests). */
-  readonly store?: JobStore | undefined;
-  /** The QMP connection dropped but QEMU still runs: the manager forgets this instance and adopts the job again at reconnect. */
-  readonly onDetached?: ((job: BackupJob) => void) | undefined;
-  /** Writes push targets out while they are copied, and at the end. */
-  readonly writeback: WritebackPump;
-}
-
-export interface NbdServerPlan {
-  readonly addr: { type: "unix"; data: { path: string } } | { type: "inet"; data: { host: string; port: string } };
-  readonly tlsCreds?: { readonly id: string; readonly dir: string } | undefined;
-  /** For display: nbd+unix:///?socket=… or nbd://host:port */
-  readonly uri: string;
-}
-
-export interface JobFlags {
-  txDone: boolean;
-  tempBitmapsAdded: boolean;
-  checkpointCommitted: boolean;
-  nbdStarted: boolean;
-  tlsAdded: boolean;
-}
-
-export interface DiskRuntime {
-  readonly plan: DiskPlan;
-  state: DiskJobState;
-  fileCreated: boolean;
-  nodeAdded: boolean;
-  jobStarted: boolean;
-  jobDismissed: boolean;
-  exportAdded: boolean;
-  bytesDone: number;
-  bytesTotal: number;
-  error: string | undefined;
-}
-
-const fail = (message: string): BackupError => ({ code: "job-failed", message });
+const aborted = (): BackupError => ({ code: "aborted", message: "the backup was aborted by request while it was starting" });
 
 export class BackupJob {
+  private phaseValue: JobPhase;
   private stateValue: JobState = "begin";
-  private activeValue = true;
+  private outcome: JobOutcome | undefined;
+  private abortRequested = false;
+  /** QEMU is known dead: nothing in it is left to undo. */
+  private qemuGone = false;
   private readonly disks: DiskRuntime[];
   private started: number = Date.now();
   private endedAt: number | undefined;
   private errorText: string | undefined;
-  /** What has happened in QEMU, job-wide; teardown undoes exactly these. */
+  private step: BeginStep | undefined;
+  /** What has happened in QEMU, job-wide; undo removes what QEMU still has of it. */
   private f: JobFlags = { txDone: false, tempBitmapsAdded: false, checkpointCommitted: false, nbdStarted: false, tlsAdded: false };
   private listener: EventListener<"JOB_STATUS_CHANGE"> | undefined;
   private others: EventListener<"BLOCK_EXPORT_DELETED" | "BLOCK_JOB_ERROR"> | undefined;
   private finishing: Promise<void> | undefined;
+  /** Settles when the job leaves for good (ended or detached). */
+  private readonly gone: Promise<void>;
+  private resolveGone: () => void = () => {};
   private readonly waiters: (() => void)[] = [];
-  /** Set when the daemon shuts down: QEMU keeps running the job; nothing is torn down. */
-  private detached = false;
   private readonly log: Logger;
   /** Stops the background writeback of each target; each tells the first write error it saw. */
   private writebackStops: (() => Promise<string | undefined>)[] = [];
+  private persistChain: Promise<unknown> = Promise.resolve();
+  /** Unregisters the close handler (a connection outlives many jobs). */
+  private offClose: () => void = () => {};
 
-  constructor(private readonly ctx: JobContext) {
+  constructor(
+    private readonly ctx: JobContext,
+    phase: "begin" | "adopting" = "begin",
+  ) {
+    this.phaseValue = phase;
     this.log = ctx.logger.child({ domain: ctx.domain, job: ctx.id });
-    this.disks = ctx.plans.map((plan) => ({
-      plan,
-      state: "begin",
-      fileCreated: false,
-      nodeAdded: false,
-      jobStarted: false,
-      jobDismissed: false,
-      exportAdded: false,
-      bytesDone: 0,
-      bytesTotal: plan.virtualSize,
-      error: undefined,
-    }));
+    this.disks = ctx.plans.map(newDiskRuntime);
+    this.gone = new Promise((r) => {
+      this.resolveGone = r;
+    });
+  }
+
+  get phase(): JobPhase {
+    return this.phaseValue;
   }
 
   get state(): JobState {
     return this.stateValue;
   }
 
+  /** Followed by this instance and not yet torn down (a ready pull stays active until ended). */
   get active(): boolean {
-    return this.activeValue;
+    return this.phaseValue !== "ended" && this.phaseValue !== "detached";
   }
 
-  get mode(): BackupDef["mode"] {
+  get mode(): JobContext["def"]["mode"] {
     return this.ctx.def.mode;
   }
 
@@ -175,7 +114,49 @@ export class BackupJob {
     return backupDefFormat(this.ctx.def);
   }
 
-  info(): JobInfo {
+  /**
+   * The one place a job's phase changes. The reported state follows the
+   * phase (transitions.ts); waiters and events hear of it here.
+   */
+  private transition(to: JobPhase): void {
+    const from = this.phaseValue;
+    checkTransition(from, to);
+    this.phaseValue = to;
+    const before = this.stateValue;
+    this.stateValue = reportedState(to, before, this.outcome);
+    this.log.debug({ from, to, state: this.stateValue }, "backup job transition");
+    if (to === "detached") {
+      for (const stop of this.writebackStops.splice(0)) void stop();
+      this.closeListeners();
+      this.resolveGone();
+      return;
+    }
+    if (this.stateValue !== before || to === "ended") this.announce(before);
+    if (to === "ended") this.resolveGone();
+  }
+
+  private announce(before: JobState): void {
+    const s = this.stateValue;
+    if (s !== before) {
+      if (s === "inprogress") this.emit("started");
+      else if (s === "ready" && this.ctx.def.mode === "pull" && this.phaseValue === "serving") {
+        if (before === "begin") this.emit("started");
+        this.emit("ready");
+      } else if (s === "ready" || s === "failed" || s === "cancelled") this.emit(s);
+      this.log.info({ state: s }, `backup ${s}`);
+    }
+    if (s === "ready" || s === "failed" || s === "cancelled") for (const w of this.waiters.splice(0)) w();
+    if (this.phaseValue === "ended") {
+      this.emit("ended");
+      if (s === "failed") this.log.error({ error: this.errorText }, "backup failed");
+    }
+  }
+
+  private emit(type: JobEventType): void {
+    this.ctx.emit({ type, info: this.info() });
+  }
+
+  info(): BackupJobInfo {
     const now = this.endedAt ?? Date.now();
     const bytesDone = this.disks.reduce((a, d) => a + d.bytesDone, 0);
     const bytesTotal = this.disks.reduce((a, d) => a + d.bytesTotal, 0);
@@ -186,7 +167,7 @@ export class BackupJob {
       domain: this.ctx.domain,
       mode: this.ctx.def.mode,
       state: this.stateValue,
-      active: this.activeValue,
+      active: this.phaseValue !== "ended",
       incremental: incs.length === 0 ? undefined : incs.join(","),
       checkpoint: this.ctx.checkpoint?.def.name,
       startedAt: new Date(this.started).toISOString(),
@@ -212,8 +193,8 @@ export class BackupJob {
   }
 
   /** Refresh per-disk progress from query-jobs (for domjobinfo and progress events). */
-  refreshProgress(): ResultAsync<JobInfo, BackupError> {
-    if (this.stateValue !== "inprogress") return okAsync(this.info());
+  refreshProgress(): ResultAsync<BackupJobInfo, BackupError> {
+    if (this.phaseValue !== "running") return okAsync(this.info());
     return this.ctx.client
       .execute("query-jobs")
       .map((jobs) => {
@@ -229,20 +210,14 @@ export class BackupJob {
       .orElse(() => okAsync(this.info()));
   }
 
-  /** Resolves when the job reaches ready (push: complete), failed or cancelled. */
-  settled(): Promise<JobInfo> {
-    if (this.stateValue === "ready" || this.stateValue === "failed" || this.stateValue === "cancelled") {
-      return Promise.resolve(this.info());
-    }
-    return new Promise((r) => this.waiters.push(() => r(this.info())));
-  }
-
-  private setState(s: JobState, event: JobEventType): void {
-    this.stateValue = s;
-    if (this.activeValue) void this.persist();
-    this.log.info({ state: s }, `backup ${event}`);
-    this.ctx.emit({ type: event, info: this.info() });
-    if (s === "ready" || s === "failed" || s === "cancelled") for (const w of this.waiters.splice(0)) w();
+  /** Resolves when the job reaches ready (push: complete), failed or cancelled — or the daemon stops following it. */
+  settled(): Promise<BackupJobInfo> {
+    const s = this.stateValue;
+    if (s === "ready" || s === "failed" || s === "cancelled" || this.phaseValue === "detached") return Promise.resolve(this.info());
+    return new Promise((r) => {
+      this.waiters.push(() => r(this.info()));
+      void this.gone.then(() => r(this.info()));
+    });
   }
 
   // ---------------------------------------------------------------- persistence
@@ -272,10 +247,10 @@ export class BackupJob {
         bytesTotal: d.bytesTotal,
         error: d.error,
       })),
+      ...(this.step !== undefined ? { step: this.step } : {}),
+      ...(this.outcome !== undefined ? { outcome: this.outcome } : {}),
     };
   }
-
-  private persistChain: Promise<unknown> = Promise.resolve();
 
   /**
    * Write the job record (in order; each write atomic). Fails only when the
@@ -284,7 +259,7 @@ export class BackupJob {
    */
   private persist(crashAfter?: string): ResultAsync<void, BackupError> {
     const store = this.ctx.store;
-    if (store === undefined || this.detached) return okAsync(undefined);
+    if (store === undefined || this.phaseValue === "detached") return okAsync(undefined);
     const rec = this.record();
     const p = this.persistChain.then(() => store.save(rec));
     this.persistChain = p;
@@ -298,81 +273,63 @@ export class BackupJob {
       });
   }
 
-  /** Restore runtime flags from a record (adoption after a daemon restart). */
+  /** Restore runtime state from a record (adoption after a daemon restart). */
   restoreFrom(rec: JobRecord): void {
     this.f = { ...rec.flags };
     this.stateValue = rec.state;
     this.errorText = rec.error;
     this.started = rec.startedAt;
+    this.step = rec.step;
+    this.outcome = rec.outcome;
     for (const [i, d] of this.disks.entries()) {
       const r = rec.disks[i];
-      if (r === undefined) continue;
-      Object.assign(d, { ...r });
+      if (r !== undefined) Object.assign(d, { ...r });
     }
   }
 
   // ---------------------------------------------------------------- adoption
 
   /**
-   * After a daemon restart or a reconnect: match the record with what QEMU
-   * has now, record outcomes reached while we were away, and follow the job
-   * again — or finish it: a job caught mid-begin, or whose QEMU jobs are gone
-   * (QEMU restarted), fails and is cleaned up.
+   * After a daemon restart or a reconnect: reconcile the record with what
+   * QEMU and the checkpoint store have now (reconcile.ts), then follow the
+   * job again or finish it.
    */
   async adopt(): Promise<void> {
     const c = this.ctx.client;
-    const [jobs, nodes, exports] = await Promise.all([
-      c.execute("query-jobs"),
-      c.execute("query-named-block-nodes", { flat: true }),
-      c.execute("query-block-exports"),
-    ]);
-    if (jobs.isErr() || nodes.isErr() || exports.isErr()) {
+    this.listen(c);
+    const q = await readQemuState(c);
+    if (q.isErr()) {
       this.log.error("cannot read QEMU's state to adopt the job; retrying at the next connect");
       this.detach();
-      this.ctx.onDetached?.(this);
       return;
     }
-    const byId = new Map(jobs.value.map((j) => [j.id, j]));
-    const nodeNames = new Set(nodes.value.map((n) => n["node-name"]));
-    const exportIds = new Set(exports.value.map((e) => e.id));
-    const startedBegin = this.stateValue === "begin";
-    let vanished: string | undefined;
-    for (const d of this.disks) {
-      d.nodeAdded = nodeNames.has(d.plan.targetNode);
-      d.exportAdded = d.plan.export !== undefined && exportIds.has(d.plan.export.id);
-      const j = byId.get(d.plan.jobId);
-      d.jobStarted = j !== undefined;
-      d.jobDismissed = j === undefined;
-      // paths were checked free and created with O_EXCL: whatever is there now is ours
-      if (startedBegin && d.plan.createFile) d.fileCreated = existsSync(d.plan.file);
-      if (j === undefined && d.state === "running") vanished ??= `disk '${d.plan.disk}': its QEMU job is gone (QEMU restarted?)`;
-      if (this.ctx.def.mode === "pull" && d.state === "running" && !d.exportAdded)
-        vanished ??= `disk '${d.plan.disk}': its NBD export is gone`;
-    }
-    const temp = new Set(nodes.value.flatMap((n) => (n["dirty-bitmaps"] ?? []).map((b) => `${n["node-name"]}/${b.name}`)));
-    this.f.tempBitmapsAdded = this.disks.some((d) => d.plan.tempBitmap !== undefined && temp.has(`${d.plan.node}/${d.plan.tempBitmap}`));
-    this.f.txDone = this.f.txDone || this.disks.some((d) => d.jobStarted);
-    this.listen(c);
-    this.log.warn({ state: this.stateValue }, "adopting the backup job after a restart");
-    if (startedBegin || vanished !== undefined) {
-      this.errorText = startedBegin ? "the daemon stopped while the backup was starting" : vanished;
-      this.finishing = this.teardown("failed");
-      await this.finishing;
+    const inBegin = this.stateValue === "begin";
+    const r = reconcileRecord(this.record(), q.value, {
+      checkpointInStore: this.ctx.checkpoint !== undefined && this.ctx.checkpoints.store.get(this.ctx.checkpoint.def.name) !== undefined,
+      fileExists: this.disks.map((d) => inBegin && d.plan.createFile && existsSync(d.plan.file)),
+      isOwn: (name) => isOwnName(name, this.ctx.domain),
+    });
+    this.f = { ...r.flags };
+    for (const [i, d] of this.disks.entries()) Object.assign(d, { ...r.disks[i]! });
+    this.log.warn({ state: this.stateValue, decision: r.decision.kind }, "adopting the backup job after a restart");
+    if (r.decision.kind === "finish") {
+      this.errorText ??= r.decision.reason;
+      await this.finish(r.decision.outcome);
       return;
     }
     for (const d of this.disks) {
-      const j = byId.get(d.plan.jobId);
+      const j = q.value.jobs.find((x) => x.id === d.plan.jobId);
       if (j?.status === "concluded" && d.state === "running") await this.onConcluded(d);
     }
-    // outcomes recorded before the crash whose teardown had not run yet
-    if (this.finishing === undefined && this.disks.some((d) => d.state === "failed")) this.finishing = this.teardown("failed");
-    if (this.finishing === undefined && this.ctx.def.mode === "push" && this.disks.every((d) => d.state === "complete")) {
-      this.finishing = this.teardown("ready");
-    }
+    // outcomes recorded before the crash whose finish had not run yet
+    if (this.finishing === undefined && this.disks.some((d) => d.state === "failed")) void this.finish("failed");
+    if (this.finishing === undefined && this.ctx.def.mode === "push" && this.disks.every((d) => d.state === "complete"))
+      void this.finish("ready");
     if (this.finishing !== undefined) {
       await this.finishing;
       return;
     }
+    this.transition(this.ctx.def.mode === "pull" ? "serving" : "running");
     void this.watch();
     void this.watchOthers();
     if (this.ctx.def.mode === "push") this.startCopying();
@@ -381,157 +338,70 @@ export class BackupJob {
 
   // ---------------------------------------------------------------- begin
 
-  begin(): ResultAsync<JobInfo, BackupError> {
+  /**
+   * The steps in order, each recorded before it acts. Between steps: an
+   * abort asked for meanwhile stops the chain (and the undo runs here, once);
+   * a daemon that is stopping leaves the rest to the next start's recovery.
+   */
+  begin(): ResultAsync<BackupJobInfo, BackupError> {
     const { client, def } = this.ctx;
     this.listen(client);
-    // the record goes to disk before each step acts, so a crash anywhere leaves a trail to clean up
-    // (the names are crash points for the tests: record written, step not yet taken)
-    const steps = this.persist("begin:files")
-      .andThen(() => this.createFiles())
-      .andThen(() => this.persist("begin:nodes"))
-      .andThen(() => this.addNodes())
-      .andThen(() => this.persist("begin:transaction"))
-      .andThen(() => this.ctx.runTransaction(() => this.transaction()))
-      .andThen(() => this.persist("begin:checkpoint"))
-      .andThen(() => this.commitCheckpoint())
-      .andThen(() => this.persist("begin:exports"))
-      .andThen(() => (def.mode === "pull" ? this.startExports() : okAsync(undefined)));
+    const steps: [BeginStep, () => ResultAsync<void, BackupError>][] = [
+      ["files", () => backupDiskCreateFiles(this.ctx, this.disks)],
+      ["nodes", () => backupDiskAddNodes(this.ctx, this.disks)],
+      ["transaction", () => this.ctx.runTransaction(() => backupStartJobs(this.ctx, this.disks, this.f))],
+      ["checkpoint", () => backupCommitCheckpoint(this.ctx, this.f)],
+      ["exports", () => (def.mode === "pull" ? backupStartExports(this.ctx, this.disks, this.f) : okAsync(undefined))],
+    ];
     return new ResultAsync(
-      (async () => {
-        const r = await steps;
-        if (r.isErr()) {
-          this.errorText = r.error.message;
-          await this.teardown("failed");
-          return r.map(() => this.info());
+      (async (): Promise<Result<BackupJobInfo, BackupError>> => {
+        for (const [name, run] of steps) {
+          const stop = this.beginInterrupted();
+          if (stop !== undefined) return this.beginFailed(stop);
+          this.step = name;
+          // the record goes to disk before each step acts, so a crash anywhere leaves a trail to clean up
+          // (the names are crash points for the tests: record written, step not yet taken)
+          const saved = await this.persist(`begin:${name}`);
+          if (saved.isErr()) return this.beginFailed(saved.error);
+          const r = await run();
+          if (r.isErr()) return this.beginFailed(r.error);
+          // step done, not yet recorded: what recovery must find out from QEMU and the store
+          crashPoint(`begin:${name}:done`);
         }
+        const stop = this.beginInterrupted();
+        if (stop !== undefined) return this.beginFailed(stop);
+        this.step = undefined;
         for (const d of this.disks) d.state = "running";
+        this.transition(def.mode === "pull" ? "serving" : "running");
         void this.watch();
         void this.watchOthers();
         if (def.mode === "push") this.startCopying();
-        if (def.mode === "pull") {
-          this.setState("inprogress", "started");
-          this.setState("ready", "ready");
-        } else {
-          this.setState("inprogress", "started");
-        }
         // what begin answers must be on disk first: a kill -9 right after the answer
         // must find a record of a started job (adopted on restart), not one mid-begin
         const saved = await this.persist("begin:answered");
         if (saved.isErr()) {
-          this.errorText = `the started backup could not be recorded: ${saved.error.message}`;
-          await this.teardown("failed");
+          this.errorText ??= `the started backup could not be recorded: ${saved.error.message}`;
+          await this.finish("failed");
           return err(saved.error);
         }
-        return r.map(() => this.info());
+        return ok(this.info());
       })(),
     );
   }
 
-  /** All disks at once; settles only when every one has (so teardown sees every flag it must undo). */
-  private static allSettled(rs: ResultAsync<void, BackupError>[]): ResultAsync<void, BackupError> {
-    return ResultAsync.combineWithAllErrors(rs)
-      .map(() => undefined)
-      .mapErr((errors) => errors[0]!);
+  private beginInterrupted(): BackupError | undefined {
+    if (this.abortRequested) return aborted();
+    if (this.phaseValue === "detached") return { code: "not-connected", message: "the daemon stopped while the backup was starting" };
+    return undefined;
   }
 
-  private createFiles(): ResultAsync<void, BackupError> {
-    const todo = this.disks.filter((d) => d.plan.createFile);
-    return BackupJob.allSettled(
-      todo.map((d) =>
-        imageCreate(this.ctx.client, {
-          path: d.plan.file,
-          format: d.plan.format,
-          size: d.plan.virtualSize,
-          clusterSize: d.plan.clusterSize,
-          jobId: d.plan.createJobId,
-          owner: this.ctx.planOpts.imageOwner,
-        }).map(() => {
-          d.fileCreated = true;
-        }),
-      ),
-    );
-  }
-
-  /** Pipelined: QEMU answers in order, and a failure of one still lets the others settle first. */
-  private addNodes(): ResultAsync<void, BackupError> {
-    return BackupJob.allSettled(
-      this.disks.map((d) =>
-        this.ctx.client
-          .execute("blockdev-add", targetBlockdev(d.plan, this.ctx.def.mode))
-          .map(() => {
-            d.nodeAdded = true;
-          })
-          .mapErr((e) => fail(`cannot open ${d.plan.file} for disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
-      ),
-    );
-  }
-
-  private transaction(): ResultAsync<void, BackupError> {
-    const actions = backupTransaction(this.ctx.plans, this.ctx.checkpoint?.actions ?? [], this.ctx.planOpts);
-    return this.ctx.client
-      .execute("transaction", { actions })
-      .map(() => {
-        this.f.txDone = true;
-        this.f.tempBitmapsAdded = true;
-        for (const d of this.disks) d.jobStarted = true;
-      })
-      .mapErr((e) => fail(`cannot start the backup: ${qmpErrorMessage(e)}`));
-  }
-
-  private commitCheckpoint(): ResultAsync<void, BackupError> {
-    const cp = this.ctx.checkpoint;
-    if (cp === undefined) return okAsync(undefined);
-    return this.ctx.checkpoints
-      .commit(cp.def)
-      .map(() => {
-        this.f.checkpointCommitted = true;
-      })
-      .orElse((e) =>
-        // metadata could not be written: the bitmaps must not outlive the backup
-        this.ctx.checkpoints
-          .discard(this.ctx.client, cp)
-          .orElse(() => okAsync(undefined))
-          .andThen(() => errAsync(e)),
-      );
-  }
-
-  private startExports(): ResultAsync<void, BackupError> {
-    const nbd = this.ctx.nbd!;
-    const c = this.ctx.client;
-    const tls: ResultAsync<void, BackupError> =
-      nbd.tlsCreds === undefined
-        ? okAsync(undefined)
-        : c
-            .execute("object-add", {
-              "qom-type": "tls-creds-x509",
-              id: nbd.tlsCreds.id,
-              dir: nbd.tlsCreds.dir,
-              endpoint: "server",
-              "verify-peer": false,
-            })
-            .map(() => {
-              this.f.tlsAdded = true;
-            })
-            .mapErr((e) => fail(`cannot load TLS credentials: ${qmpErrorMessage(e)}`));
-    let chain = tls.andThen(() =>
-      c
-        .execute("nbd-server-start", { addr: nbd.addr, ...(nbd.tlsCreds ? { "tls-creds": nbd.tlsCreds.id } : {}) })
-        .map(() => {
-          this.f.nbdStarted = true;
-        })
-        .mapErr((e) => fail(`cannot start the NBD server at ${nbd.uri}: ${qmpErrorMessage(e)}`)),
-    );
-    for (const d of this.disks) {
-      chain = chain.andThen(() =>
-        c
-          .execute("block-export-add", exportArgs(d.plan))
-          .map(() => {
-            d.exportAdded = true;
-          })
-          .mapErr((e) => fail(`cannot export disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
-      );
-    }
-    return chain;
+  private async beginFailed(e: BackupError): Promise<Result<BackupJobInfo, BackupError>> {
+    // a stopping daemon leaves QEMU as it is: the record says what the next start undoes
+    if (this.phaseValue === "detached") return err(e);
+    const abort = this.abortRequested || e.code === "aborted";
+    this.errorText ??= abort ? "aborted by request" : e.message;
+    await this.finish(abort ? "cancelled" : "failed");
+    return err(abort ? aborted() : e);
   }
 
   // ---------------------------------------------------------------- run
@@ -546,28 +416,38 @@ export class BackupJob {
     this.offClose = c.onClose((info) => this.onDisconnect(info.message));
   }
 
-  /** Unregisters the close handler (a connection outlives many jobs). */
-  private offClose: () => void = () => {};
+  private closeListeners(): void {
+    this.listener?.close();
+    this.others?.close();
+    this.offClose();
+  }
 
   /** Export removals we did not ask for fail a pull; job I/O errors are logged (the job's conclusion decides). */
   private async watchOthers(): Promise<void> {
     const l = this.others!;
     for (;;) {
       const e = await l.next();
-      if (e === undefined || this.detached) return;
+      if (e === undefined || !this.following()) return;
       if (e.name === "BLOCK_JOB_ERROR") {
         this.log.warn({ job: e.data.device, operation: e.data.operation, action: e.data.action }, "I/O error in a disk's backup job");
         continue;
       }
       const d = this.disks.find((x) => x.plan.export?.id === e.data.id);
-      if (d === undefined || !d.exportAdded || this.finishing !== undefined) continue;
+      if (d === undefined || !d.exportAdded) continue;
       d.exportAdded = false;
       d.state = "failed";
       d.error = "its NBD export was removed behind the daemon's back";
       this.errorText = `disk '${d.plan.disk}': ${d.error}`;
-      this.finishing = this.teardown("failed");
+      void this.finish("failed");
       return;
     }
+  }
+
+  /** Running or serving, and no finish under way: QEMU's events are ours to act on. */
+  private following(): boolean {
+    return (
+      (this.phaseValue === "running" || this.phaseValue === "serving" || this.phaseValue === "adopting") && this.finishing === undefined
+    );
   }
 
   /** A push runs: progress events, and its targets written out as they fill. */
@@ -580,7 +460,7 @@ export class BackupJob {
   /** Progress events once a second while a push runs (from query-jobs). */
   private startProgressTimer(): void {
     const timer = setInterval(() => {
-      if (this.stateValue !== "inprogress" || this.finishing !== undefined) {
+      if (this.phaseValue !== "running" || this.finishing !== undefined) {
         clearInterval(timer);
         return;
       }
@@ -594,9 +474,12 @@ export class BackupJob {
     const running = this.disks.filter((d) => d.state === "running" && d.jobStarted);
     return ResultAsync.combine(
       running.map((d) =>
-        this.ctx.client
-          .execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond })
-          .mapErr((e) => fail(`cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`)),
+        this.ctx.client.execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond }).mapErr(
+          (e): BackupError => ({
+            code: "job-failed",
+            message: `cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`,
+          }),
+        ),
       ),
     ).map(() => undefined);
   }
@@ -605,8 +488,8 @@ export class BackupJob {
     const l = this.listener!;
     for (;;) {
       const e = await l.next();
-      // once teardown runs, it owns the jobs (cancelled jobs conclude too)
-      if (e === undefined || this.detached || this.finishing !== undefined) return;
+      // once finish runs, undo owns the jobs (cancelled jobs conclude too)
+      if (e === undefined || !this.following()) return;
       if (e.data.status !== "concluded") continue;
       const d = this.disks.find((x) => x.plan.jobId === e.data.id);
       if (d === undefined || d.state !== "running") continue;
@@ -617,7 +500,8 @@ export class BackupJob {
 
   private async onConcluded(d: DiskRuntime): Promise<void> {
     const jobs = await this.ctx.client.execute("query-jobs");
-    const j = jobs.isOk() ? jobs.value.find((x) => x.id === d.plan.jobId) : undefined;
+    if (jobs.isErr()) return; // unknown: the next event, the next adoption or undo decides
+    const j = jobs.value.find((x) => x.id === d.plan.jobId);
     if (j === undefined) {
       d.state = "failed";
       d.error = "job vanished from QEMU";
@@ -632,190 +516,184 @@ export class BackupJob {
     }
     // record the outcome before dismissing: once dismissed, QEMU no longer knows it
     await this.persist("concluded:dismiss");
+    if (!this.following()) return;
     const dismissed = await this.ctx.client.execute("job-dismiss", { id: d.plan.jobId });
     if (dismissed.isOk()) d.jobDismissed = true;
     if (d.state === "failed") {
       this.errorText ??= `disk '${d.plan.disk}': ${d.error}`;
       this.log.error({ disk: d.plan.disk, error: d.error }, "disk backup job failed; failing the whole backup");
-      this.finishing ??= this.teardown("failed");
+      void this.finish("failed");
       return;
     }
-    if (this.ctx.def.mode === "push" && this.disks.every((x) => x.state === "complete")) {
-      this.finishing ??= this.teardown("ready");
-    }
+    if (this.ctx.def.mode === "push" && this.disks.every((x) => x.state === "complete")) void this.finish("ready");
   }
 
   /** The daemon is stopping: leave QEMU's jobs, nodes and exports as they are (the next start adopts or cleans them). */
   detach(): void {
-    this.detached = true;
-    for (const stop of this.writebackStops.splice(0)) void stop();
-    this.listener?.close();
-    this.others?.close();
+    if (!this.active) return;
+    this.transition("detached");
+    this.ctx.onDetached?.(this);
   }
 
   private onDisconnect(reason: string): void {
-    if (!this.activeValue || this.detached) return;
+    if (!this.active) return;
     // a dead QEMU leaves its QMP socket refusing connections (asked more than once: see stillListening)
     void stillListening(this.ctx.client.address).then((alive) => {
-      if (this.detached || !this.activeValue) return;
+      if (!this.active) return;
+      if (!alive) {
+        this.qemuGone = true;
+        this.errorText ??= `QEMU went away: ${reason}`;
+      }
+      // begin and finish see the connection gone in their own steps and decide there
+      if (this.phaseValue === "begin" || this.phaseValue === "finishing") return;
       if (alive && this.ctx.store !== undefined) {
         this.log.warn({ reason }, "QMP connection lost but QEMU still runs; the job is adopted again at reconnect");
         this.detach();
-        this.ctx.onDetached?.(this);
         return;
       }
-      this.failOnQemuGone(reason);
+      this.qemuGone = true;
+      void this.finish("failed");
     });
   }
 
-  private failOnQemuGone(reason: string): void {
-    this.errorText = `QEMU went away: ${reason}`;
-    // Nothing more can be asked of QEMU; what lives in QEMU died with it or is found at the next start.
-    for (const d of this.disks) {
-      d.nodeAdded = false;
-      d.jobStarted = false;
-      d.exportAdded = false;
-      if (d.state === "running" || d.state === "begin") d.state = "failed";
+  /** Pull: the caller is done; push: abort. During begin, an abort only marks the job: begin undoes it. */
+  end(): Promise<BackupJobInfo> {
+    if (this.phaseValue === "begin") {
+      this.abortRequested = true;
+      return this.gone.then(() => this.info());
     }
-    this.f.nbdStarted = false;
-    this.f.tlsAdded = false;
-    this.f.tempBitmapsAdded = false;
-    this.finishing ??= this.teardown("failed");
-  }
-
-  /** Pull: the caller is done; push: abort. */
-  end(): Promise<JobInfo> {
-    if (this.finishing === undefined) {
-      if (this.ctx.def.mode === "pull" && this.stateValue === "ready") this.finishing = this.teardown("ready");
+    if (this.finishing === undefined && this.active) {
+      if (this.phaseValue === "serving") void this.finish("ready");
       else {
+        this.abortRequested = true;
         this.errorText ??= "aborted by request";
-        this.finishing = this.teardown("cancelled");
+        void this.finish("cancelled");
       }
     }
-    return this.finishing.then(() => this.info());
+    return (this.finishing ?? Promise.resolve()).then(() => this.gone).then(() => this.info());
   }
 
-  // ---------------------------------------------------------------- teardown
+  // ---------------------------------------------------------------- finish
 
-  /**
-   * Undo what the flags say happened, in reverse order. Best effort: each
-   * step runs even when an earlier one failed, and failures are logged.
-   */
-  private async teardown(requested: "ready" | "failed" | "cancelled"): Promise<void> {
+  /** The one way a job ends; runs at most once (later calls share it). */
+  private finish(requested: JobOutcome): Promise<void> {
+    if (this.finishing !== undefined) return this.finishing;
+    this.outcome = requested;
+    this.transition("finishing");
+    this.finishing = this.runFinish(requested);
+    return this.finishing;
+  }
+
+  private async runFinish(requested: JobOutcome): Promise<void> {
     let outcome = requested;
-    const c = this.ctx.client;
-    const step = async (what: string, r: ResultAsync<unknown, unknown>): Promise<string | undefined> => {
-      const x = await r;
-      if (x.isOk()) return undefined;
-      const e = x.error as { code?: string; desc?: string; message?: string };
-      const text = e.desc ?? e.message ?? e.code;
-      this.log.warn({ step: what, error: text }, "teardown step failed");
-      return text;
-    };
-    const pushReady = outcome === "ready" && this.ctx.def.mode === "push";
-    const durable = pushReady && this.ctx.planOpts.nonDurable !== true;
+    const mode = this.ctx.def.mode;
+    // the outcome is recorded first: a restart finishes this undo, it never re-decides it
+    await this.persist();
+    const pushReady = outcome === "ready" && mode === "push";
     // a backup that did not succeed does not wait for a sync in flight (its files go anyway)
     const stopping = Promise.all(this.writebackStops.splice(0).map((stop) => stop()));
     const writebackErrors = pushReady ? await stopping : [];
-    const connected = c.runstate === "running";
-    if (connected) {
-      for (const d of this.disks)
-        if (d.exportAdded) await step("block-export-del", c.execute("block-export-del", { id: d.plan.export!.id, mode: "hard" }));
-      if (this.f.nbdStarted) await step("nbd-server-stop", c.execute("nbd-server-stop"));
-      if (this.f.tlsAdded) await step("object-del", c.execute("object-del", { id: this.ctx.nbd!.tlsCreds!.id }));
-      await this.cancelJobs();
-      for (const d of this.disks) {
-        if (!d.nodeAdded) continue;
-        // closing a target writes its qcow2 metadata out: until then the copy is not whole
-        const error = await step("blockdev-del", c.execute("blockdev-del", { "node-name": d.plan.targetNode }));
-        if (error === undefined) d.nodeAdded = false;
-        else if (pushReady) this.errorText ??= `disk '${d.plan.disk}': cannot close the target: ${error}`;
-      }
-      if (this.f.tempBitmapsAdded) {
-        for (const d of this.disks) {
-          if (d.plan.tempBitmap !== undefined && d.plan.incremental !== undefined) {
-            await step("bitmap-remove", c.execute("block-dirty-bitmap-remove", { node: d.plan.node, name: d.plan.tempBitmap }));
-          }
-        }
-      }
-    }
-    this.listener?.close();
-    this.others?.close();
-    this.offClose();
-    if (durable) {
+    let stuck = await this.undo(outcome);
+    if (stuck === undefined) return;
+    const closeFailed = stuck.find((s) => s.startsWith("blockdev-del"));
+    if (pushReady && closeFailed !== undefined) this.errorText ??= `cannot close the target: ${closeFailed}`;
+    if (pushReady && this.ctx.planOpts.nonDurable !== true && this.errorText === undefined) {
       // Ready means on disk: the targets are written out (and their directory entries) before anyone is told.
       const i = writebackErrors.findIndex((e) => e !== undefined);
       if (i >= 0)
-        this.errorText ??= `disk '${this.disks[i]!.plan.disk}': writing ${this.disks[i]!.plan.file} out failed: ${writebackErrors[i]}`;
+        this.errorText = `disk '${this.disks[i]!.plan.disk}': writing ${this.disks[i]!.plan.file} out failed: ${writebackErrors[i]}`;
       crashPoint("ready:sync");
       if (this.errorText === undefined) this.errorText = await this.ctx.writeback.syncFiles(this.disks.map((d) => d.plan.file));
     }
     if (pushReady && this.errorText !== undefined) {
       outcome = "failed";
+      this.outcome = outcome;
       for (const d of this.disks) d.state = "failed";
       this.log.error({ error: this.errorText }, "the backup copy is complete but cannot be closed or made durable");
+      await this.persist();
+      // now the checkpoint's bitmaps go too
+      const again = await this.undo(outcome);
+      if (again === undefined) return;
+      stuck = [...stuck, ...again];
     }
-    // Scratch files always go; targets only when the backup did not succeed.
-    const removeFiles = this.ctx.def.mode === "pull" || outcome !== "ready";
-    if (removeFiles) for (const d of this.disks) if (d.fileCreated) await imageRemove(d.plan.file);
-    // A checkpoint created with a push that did not complete must not claim a backup exists.
-    if (this.ctx.checkpoint !== undefined && outcome !== "ready") {
-      if (this.f.checkpointCommitted) {
-        await step(
-          "checkpoint-delete",
-          this.ctx.checkpoints.delete(connected ? c : undefined, this.ctx.checkpoint.def.name, { metadataOnly: !connected }),
-        );
-      } else if (this.f.txDone && connected) {
-        await step("checkpoint-discard", this.ctx.checkpoints.discard(c, this.ctx.checkpoint));
-      }
-    }
+    await this.removeFiles(outcome, stuck);
+    await this.rollBackCheckpoint(outcome);
     for (const d of this.disks) {
       if (d.state === "running" || d.state === "begin")
         d.state = outcome === "cancelled" ? "cancelled" : outcome === "ready" ? "complete" : "failed";
     }
     this.endedAt = Date.now();
-    this.activeValue = false;
-    if (this.ctx.store !== undefined && !this.detached) {
+    this.closeListeners();
+    if (this.ctx.store !== undefined && this.phaseValue !== "detached") {
       await this.persistChain.catch(() => {});
       const store = this.ctx.store;
       crashPoint(`${outcome}:record`);
-      await store.saveCompleted({ ...this.info(), active: false, state: outcome });
+      const info = { ...this.info(), active: false, state: outcome as JobState };
+      await store.saveCompleted(info);
       await store.remove(this.ctx.domain);
     }
-    const event: JobEventType = outcome === "ready" ? "ready" : outcome;
-    if (outcome !== this.stateValue) this.setState(outcome, event);
-    this.ctx.emit({ type: "ended", info: this.info() });
-    if (outcome === "failed") this.log.error({ error: this.errorText }, "backup failed");
+    if (this.phaseValue === "finishing") this.transition("ended");
   }
 
-  /** Cancel jobs still running and dismiss every concluded job of ours. */
-  private async cancelJobs(): Promise<void> {
-    const c = this.ctx.client;
-    const mine = this.disks.filter((d) => d.jobStarted && !d.jobDismissed);
-    if (mine.length === 0) return;
-    const concluded = c.listen(["JOB_STATUS_CHANGE"], (e) => e.data.status === "concluded" && mine.some((d) => d.plan.jobId === e.data.id));
-    const jobs = await c.execute("query-jobs");
-    const live = jobs.isOk() ? jobs.value.filter((j) => mine.some((d) => d.plan.jobId === j.id)) : [];
-    const waiting = new Set(live.filter((j) => j.status !== "concluded").map((j) => j.id));
-    for (const id of waiting) {
-      const r = await c.execute("job-cancel", { id });
-      if (r.isErr()) this.log.warn({ job: id, error: qmpErrorMessage(r.error) }, "job-cancel failed");
-      const d = mine.find((x) => x.plan.jobId === id);
-      if (d !== undefined && d.state === "running") d.state = "cancelled";
+  /**
+   * Undo in QEMU until QEMU confirms. Undefined when the job detached
+   * instead (the connection went away and QEMU still runs: the next connect
+   * finishes it from the record); otherwise what QEMU refused to give up.
+   */
+  private async undo(outcome: JobOutcome): Promise<readonly string[] | undefined> {
+    if (this.qemuGone) return this.forgetQemu();
+    const cp = this.ctx.checkpoint;
+    const dropCheckpoint = cp !== undefined && outcome !== "ready" && this.f.txDone;
+    const r = await undoInQemu(this.ctx.client, this.disks, this.f, this.ctx.nbd, this.log, {
+      tempBitmaps: this.f.tempBitmapsAdded,
+      checkpointBitmaps: dropCheckpoint ? cp.actions.map((a) => a.data as { node: string; name: string }) : [],
+    });
+    if (r.kind === "done") return r.stuck;
+    const alive = this.qemuGone ? false : await stillListening(this.ctx.client.address);
+    if (alive && this.ctx.store !== undefined) {
+      this.log.warn("QMP connection lost during the undo but QEMU still runs; it is finished at reconnect");
+      if (this.phaseValue === "finishing") this.transition("detached");
+      this.ctx.onDetached?.(this);
+      return undefined;
     }
-    const deadline = Date.now() + 30_000;
-    while (waiting.size > 0 && Date.now() < deadline) {
-      const e = await concluded.next(deadline - Date.now());
-      if (e === undefined) break;
-      waiting.delete(e.data.id);
+    this.qemuGone = true;
+    return this.forgetQemu();
+  }
+
+  /** QEMU is dead: what lived in it died with it. */
+  private forgetQemu(): readonly string[] {
+    for (const d of this.disks) {
+      d.nodeAdded = false;
+      d.jobStarted = false;
+      d.exportAdded = false;
     }
-    concluded.close();
-    for (const j of live) {
-      const r = await c.execute("job-dismiss", { id: j.id });
-      if (r.isOk()) {
-        const d = mine.find((x) => x.plan.jobId === j.id);
-        if (d !== undefined) d.jobDismissed = true;
+    this.f.nbdStarted = false;
+    this.f.tlsAdded = false;
+    this.f.tempBitmapsAdded = false;
+    return [];
+  }
+
+  /** Scratch files always go; targets only when the backup did not succeed; never a file QEMU still holds. */
+  private async removeFiles(outcome: JobOutcome, stuck: readonly string[]): Promise<void> {
+    if (this.ctx.def.mode === "push" && outcome === "ready") return;
+    for (const d of this.disks) {
+      if (!d.fileCreated) continue;
+      if (d.nodeAdded || stuck.some((s) => s.includes(d.plan.targetNode))) {
+        this.log.error({ file: d.plan.file }, "QEMU still holds this file open; it is kept");
+        continue;
       }
+      await imageRemove(d.plan.file);
+      d.fileCreated = false;
     }
+  }
+
+  /** A checkpoint created with a backup that did not succeed must not claim a backup exists (its bitmaps went with undo). */
+  private async rollBackCheckpoint(outcome: JobOutcome): Promise<void> {
+    const cp = this.ctx.checkpoint;
+    if (cp === undefined || outcome === "ready") return;
+    if (this.ctx.checkpoints.store.get(cp.def.name) === undefined) return;
+    const r = await this.ctx.checkpoints.delete(undefined, cp.def.name, { metadataOnly: true });
+    if (r.isErr()) this.log.error({ checkpoint: cp.def.name, error: r.error.message }, "cannot remove the checkpoint's metadata");
+    else this.f.checkpointCommitted = false;
   }
 }

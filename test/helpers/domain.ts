@@ -3,7 +3,7 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { CheckpointManager } from "../../src/checkpoints/manager.js";
 import { CheckpointStore } from "../../src/checkpoints/store.js";
-import type { JobInfo } from "../../src/jobs/job.js";
+import type { BackupJobInfo as JobInfo } from "../../src/jobs/model.js";
 import type { BackupDomain, BeginOptions } from "../../src/jobs/manager.js";
 import { JobManager } from "../../src/jobs/manager.js";
 import type { WritebackPump } from "../../src/jobs/writeback.js";
