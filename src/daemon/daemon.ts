@@ -11,6 +11,7 @@ import { type ApiServer, buildApi } from "../api/server.js";
 import type { DaemonConfig } from "../conf/config.js";
 import { JobManager } from "../jobs/manager.js";
 import type { Logger } from "../log.js";
+import { crashPoint } from "../util/crash-point.js";
 import { type DomainEvent, DomainRegistry } from "./domains.js";
 import { Metrics } from "./metrics.js";
 
@@ -84,6 +85,7 @@ export class Daemon {
       if (d.domains.get(dc.name) !== undefined) continue;
       const r = await d.domains.add(dc, "api");
       if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add registered domain");
+      crashPoint("start:domain-registered");
     }
     if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
     await d.listen();
