@@ -172,3 +172,20 @@ t.test("a daemon killed during start-up leaves domains.json whole", async (t) =>
   const d = await startDaemon(t, { dir });
   t.same(await names(d.socket), ["d1", "d2", "d3", "d4", "d5"], "the next start has them all");
 });
+
+t.test("a daemon whose API socket another one serves refuses before it opens or connects any domain", async (t) => {
+  const vm = await startVm(t);
+  const a = await startDaemon(t);
+  await addDomain(a, "vm1", vm.qmpPath);
+  // the same socket, its own state directory, which lists a domain
+  const other = tempDir(t, "qbackupd-daemon-");
+  const state = join(other, "state");
+  mkdirSync(state, { mode: 0o700 });
+  writeFileSync(join(state, "domains.json"), JSON.stringify([{ name: "vm2", qmp: vm.qmpPath }]));
+  const b = await runDaemonToExit(a.dir, { stateDir: state });
+  t.equal(b.code, 1, b.output);
+  t.match(b.output, /another process is serving/);
+  t.same(readdirSync(state).sort(), ["domains.json", "lock"], "no checkpoint store was opened for vm2");
+  t.same(await names(a.socket), ["vm1"]);
+  await connected(a, "vm1");
+});
