@@ -3,11 +3,14 @@
  * Firecracker's convert_to_response). The CLI maps the same codes to exit
  * codes in src/cli/exit-codes.ts.
  */
+import type { DomainError } from "../daemon/errors.js";
 import type { BackupError } from "../jobs/errors.js";
 import { assertNever } from "../util/assert-never.js";
 
 export type ApiError =
   | BackupError
+  /** domain-add, domain-remove (the registry's own errors; their codes map below like all others). */
+  | DomainError
   | { readonly code: "unknown-domain"; readonly message: string }
   | { readonly code: "bad-request"; readonly message: string }
   | { readonly code: "too-large"; readonly message: string }

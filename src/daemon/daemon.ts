@@ -1,18 +1,21 @@
 /**
  * The running service: domain registry, job manager, metrics and the API
  * server on its unix socket, wired together; start, reload (SIGHUP) and stop
- * (SIGTERM).
+ * (SIGTERM). It holds its state directory's lock (state-lock.ts) from before
+ * it reads anything there until it stops, and must never touch the
+ * directory without it.
  */
 import { execFileSync } from "node:child_process";
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
-import net from "node:net";
 import { dirname, join } from "node:path";
 import { type ApiServer, buildApi } from "../api/server.js";
 import type { DaemonConfig } from "../conf/config.js";
 import { JobManager } from "../jobs/manager.js";
 import type { Logger } from "../log.js";
+import { listening } from "../util/listening.js";
 import { type DomainEvent, DomainRegistry } from "./domains.js";
 import { Metrics } from "./metrics.js";
+import { StateLock } from "./state-lock.js";
 
 function packageVersion(): string {
   try {
@@ -24,15 +27,10 @@ function packageVersion(): string {
 }
 
 /** A socket file nobody listens on is a leftover of an earlier run; one that answers means another daemon runs. */
-function socketInUse(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.createConnection(path);
-    s.once("connect", () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once("error", () => resolve(false));
-  });
+async function socketFree(path: string): Promise<void> {
+  if (!existsSync(path)) return;
+  if (await listening({ path })) throw new Error(`another process is serving ${path}`);
+  rmSync(path, { force: true });
 }
 
 function groupId(group: string): number {
@@ -51,6 +49,7 @@ export class Daemon {
   private constructor(
     private config: DaemonConfig,
     private readonly log: Logger,
+    private readonly lock: StateLock,
   ) {
     this.domains = new DomainRegistry(
       config.stateDir,
@@ -74,20 +73,30 @@ export class Daemon {
   static async start(config: DaemonConfig, log: Logger): Promise<Daemon> {
     mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
     chmodSync(config.stateDir, 0o700);
-    mkdirSync(config.backupDir, { recursive: true, mode: 0o700 });
-    const d = new Daemon(config, log);
-    for (const dc of config.domains) {
-      const r = await d.domains.add(dc, "config");
-      if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add configured domain");
+    // before anything in the state directory is read or written: one daemon per directory
+    const lock = await StateLock.acquire(config.stateDir);
+    if (lock.isErr()) throw new Error(lock.error.message);
+    let d: Daemon | undefined;
+    try {
+      // refused before any domain connects: a daemon that cannot serve must not touch QEMU
+      await socketFree(config.socket);
+      mkdirSync(config.backupDir, { recursive: true, mode: 0o700 });
+      d = new Daemon(config, log, lock.value);
+      const daemon = d;
+      for (const dc of config.domains) {
+        const r = await daemon.domains.add(dc, "config");
+        if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add configured domain");
+      }
+      await daemon.domains.load();
+      if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
+      await daemon.listen();
+      return daemon;
+    } catch (e) {
+      // whoever starts next finds the directory free and no QEMU connection of ours left
+      await d?.domains.stopAll();
+      lock.value.release();
+      throw e;
     }
-    for (const dc of d.domains.persisted()) {
-      if (d.domains.get(dc.name) !== undefined) continue;
-      const r = await d.domains.add(dc, "api");
-      if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add registered domain");
-    }
-    if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
-    await d.listen();
-    return d;
   }
 
   get socketPath(): string {
@@ -97,10 +106,8 @@ export class Daemon {
   private async listen(): Promise<void> {
     const path = this.config.socket;
     mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
-    if (existsSync(path)) {
-      if (await socketInUse(path)) throw new Error(`another process is serving ${path}`);
-      rmSync(path, { force: true });
-    }
+    // again: another daemon (on another state directory) may have bound it since start() looked
+    await socketFree(path);
     const api = buildApi({
       domains: this.domains,
       jobs: this.jobs,
@@ -124,7 +131,10 @@ export class Daemon {
     if (this.config.socketGroup !== undefined) chownSync(path, process.getuid?.() ?? 0, groupId(this.config.socketGroup));
     api.server.maxConnections = this.config.maxConnections;
     this.api = api;
-    this.log.info({ socket: path, domains: this.domains.list().length }, "qbackupd listening");
+    const kept = this.domains.kept().length;
+    this.log.info({ socket: path, domains: this.domains.list().length, ...(kept > 0 ? { notLoaded: kept } : {}) }, "qbackupd listening");
+    if (kept > 0)
+      this.log.warn({ entries: kept }, "domains.json has entries not loaded (logged above); they are kept in the file as they are");
   }
 
   /** SIGHUP: add domains new to the configuration, drop those removed from it (unless a backup runs). */
@@ -156,6 +166,7 @@ export class Daemon {
     await this.api?.close();
     await this.domains.stopAll();
     rmSync(this.config.socket, { force: true });
+    this.lock.release();
     this.log.info("qbackupd stopped");
   }
 }

@@ -1,14 +1,13 @@
 /**
  * The domains the daemon serves: from the configuration file and registered
- * at run time (persisted in <stateDir>/domains.json). Each keeps its QMP
+ * at run time (persisted in <stateDir>/domains.json, see domains-file.ts). Each keeps its QMP
  * connection up through a supervisor (reconnect with backoff); on every
  * connect it probes QEMU and reconciles its checkpoints. One domain's QEMU
  * going away never affects another.
  */
-import { readFileSync, statSync } from "node:fs";
+import { statSync } from "node:fs";
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
-import type { ApiError } from "../api/errors.js";
 import { CheckpointManager } from "../checkpoints/manager.js";
 import { CheckpointStore } from "../checkpoints/store.js";
 import type { DomainConfig } from "../conf/config.js";
@@ -21,7 +20,9 @@ import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import { parseAddress } from "../qmp/protocol.js";
 import { QmpSupervisor } from "../qmp/reconnect.js";
-import { type IoError, writeFileAtomic } from "../util/atomic-file.js";
+import { crashPoint } from "../util/crash-point.js";
+import { DomainsFile, type DomainsFileEntry } from "./domains-file.js";
+import type { DomainError } from "./errors.js";
 import { claimQemu, releaseQemu } from "./ownership.js";
 
 /** Shared by all domains: one schema parse per QEMU build. */
@@ -219,9 +220,26 @@ export class Domain implements BackupDomain {
   }
 }
 
+/** An entry of domains.json not loaded, and why: kept in the file as it was. */
+export interface KeptEntry {
+  readonly index: number;
+  readonly name: string | undefined;
+  readonly reason: string;
+}
+
+/**
+ * The registered domains, and domains.json for those registered through the
+ * API. Every change is decided in memory, written, and made only once the
+ * write succeeded: a failed write (a full disk) changes nothing. Changes run
+ * one at a time, each writing the file from the one before.
+ */
 export class DomainRegistry {
   private readonly domains = new Map<string, Domain>();
-  private readonly file: string;
+  private readonly file: DomainsFile;
+  /** domains.json as last read or written, in its order. */
+  private entries: readonly DomainsFileEntry[] = [];
+  /** The last change queued: the next one runs after it. */
+  private tail: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly stateDir: string,
@@ -229,7 +247,7 @@ export class DomainRegistry {
     private readonly onEvent: (e: DomainEvent) => void,
     private readonly onConnect: (d: Domain) => Promise<void> = async () => {},
   ) {
-    this.file = join(stateDir, "domains.json");
+    this.file = new DomainsFile(join(stateDir, "domains.json"), log);
   }
 
   list(): Domain[] {
@@ -240,30 +258,110 @@ export class DomainRegistry {
     return this.domains.get(name);
   }
 
-  /** Domains registered through the API in an earlier run. */
-  persisted(): DomainConfig[] {
-    try {
-      const raw: unknown = JSON.parse(readFileSync(this.file, "utf8"));
-      if (!Array.isArray(raw)) throw new Error("not a list");
-      const out: DomainConfig[] = [];
-      for (const [i, d] of raw.entries()) {
-        const r = parseDomainConfig(d, `${this.file}[${i}]`);
-        if (r.isOk()) out.push(r.value);
-        else this.log.error({ file: this.file, error: r.error.message }, "skipping a persisted domain");
-      }
-      return out;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "ENOENT")
-        this.log.error({ file: this.file, error: (e as Error).message }, "cannot read persisted domains");
-      return [];
-    }
+  /** Entries of domains.json not loaded at start, kept in the file as they were. */
+  kept(): KeptEntry[] {
+    return this.entries.flatMap((e, index) => (e.kind === "kept" ? [{ index, name: e.name, reason: e.reason }] : []));
   }
 
-  add(config: DomainConfig, origin: "config" | "api"): ResultAsync<Domain, ApiError> {
-    if (this.domains.has(config.name)) return errAsync({ code: "duplicate", message: `domain '${config.name}' is already registered` });
-    return CheckpointStore.open(this.stateDir, config.name, this.log).andThen((store) => {
+  /**
+   * At start, after the configured domains: register the domains in
+   * domains.json. Writes nothing (a crash here leaves the file whole); an
+   * entry that cannot be loaded is logged and kept for the next write.
+   */
+  async load(): Promise<void> {
+    await this.serial(() =>
+      ResultAsync.fromSafePromise(
+        (async () => {
+          const entries: DomainsFileEntry[] = [];
+          const named = new Set<string>();
+          for (const [i, raw] of (await this.file.read()).entries()) {
+            const rawName = typeof raw === "object" && raw !== null ? (raw as { name?: unknown }).name : undefined;
+            const name = typeof rawName === "string" ? rawName : undefined;
+            const keep = (reason: string) => {
+              entries.push({ kind: "kept", raw, name, reason });
+              this.log.error(
+                { file: this.file.path, entry: i, domain: name ?? null, reason },
+                "domains.json: entry not loaded; it is kept in the file as it is",
+              );
+            };
+            const c = parseDomainConfig(raw, `domains.json[${i}]`);
+            if (c.isErr()) keep(c.error.message);
+            else if (named.has(c.value.name)) keep(`an earlier entry is named '${c.value.name}'`);
+            else if (this.domains.has(c.value.name)) keep(`the configuration file has a domain named '${c.value.name}'`);
+            else {
+              named.add(c.value.name);
+              const d = await this.prepare(c.value, "api");
+              if (d.isErr()) keep(d.error.message);
+              else {
+                this.enlist(d.value);
+                entries.push({ kind: "domain", config: c.value });
+                crashPoint("start:domain-registered");
+              }
+            }
+          }
+          this.entries = entries;
+        })(),
+      ),
+    );
+  }
+
+  add(config: DomainConfig, origin: "config" | "api"): ResultAsync<Domain, DomainError> {
+    return this.serial(() => {
+      if (this.domains.has(config.name))
+        return errAsync<Domain, DomainError>({ code: "duplicate", message: `domain '${config.name}' is already registered` });
+      const kept = this.kept().find((k) => k.name === config.name);
+      if (kept !== undefined)
+        return errAsync<Domain, DomainError>({
+          code: "duplicate",
+          message: `domains.json keeps an entry named '${config.name}' that was not loaded (${kept.reason}); edit or remove it there first`,
+        });
+      return this.prepare(config, origin).andThen((d) => {
+        if (origin === "config") return okAsync<Domain, DomainError>(this.enlist(d));
+        const next = [...this.entries, { kind: "domain" as const, config }];
+        return this.file.write(next).map(() => {
+          this.entries = next;
+          return this.enlist(d);
+        });
+      });
+    });
+  }
+
+  remove(name: string): ResultAsync<void, DomainError> {
+    return this.serial(() => {
+      const d = this.domains.get(name);
+      if (d === undefined) return errAsync<Domain, DomainError>({ code: "unknown-domain", message: `no domain named '${name}'` });
+      if (d.origin === "config") {
+        this.domains.delete(name);
+        return okAsync<Domain, DomainError>(d);
+      }
+      const next = this.entries.filter((e) => !(e.kind === "domain" && e.config.name === name));
+      return this.file.write(next).map(() => {
+        this.entries = next;
+        this.domains.delete(name);
+        return d;
+      });
+    }).andThen((d) =>
+      // leaving QEMU unmarked waits on QEMU: outside the queue, once the domain is gone from the registry
+      ResultAsync.fromSafePromise(d.release()),
+    );
+  }
+
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.domains.values()].map((d) => d.stop()));
+  }
+
+  /** Run `fn` once every change queued before it is done. */
+  private serial<T>(fn: () => ResultAsync<T, DomainError>): ResultAsync<T, DomainError> {
+    const run = this.tail.then(() => fn());
+    this.tail = run.catch(() => undefined);
+    return new ResultAsync(run);
+  }
+
+  /** The domain with its checkpoint store open, neither registered nor started. */
+  private prepare(config: DomainConfig, origin: "config" | "api"): ResultAsync<Domain, DomainError> {
+    return CheckpointStore.open(this.stateDir, config.name, this.log).map((store) => {
       const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
-      const d = new Domain(
+      return new Domain(
         config,
         origin,
         checkpoints,
@@ -272,27 +370,12 @@ export class DomainRegistry {
         this.onConnect,
         (tag) => [...this.domains.values()].find((o) => o.name !== config.name && domainTag(o.name) === tag)?.name,
       );
-      this.domains.set(config.name, d);
-      d.start();
-      return (origin === "api" ? this.persist() : okAsync(undefined)).map(() => d);
     });
   }
 
-  remove(name: string): ResultAsync<void, ApiError> {
-    const d = this.domains.get(name);
-    if (d === undefined) return errAsync({ code: "unknown-domain", message: `no domain named '${name}'` });
-    this.domains.delete(name);
-    return ResultAsync.fromSafePromise(d.release()).andThen(() => (d.origin === "api" ? this.persist() : okAsync(undefined)));
-  }
-
-  async stopAll(): Promise<void> {
-    await Promise.all([...this.domains.values()].map((d) => d.stop()));
-  }
-
-  private persist(): ResultAsync<void, IoError> {
-    const api = this.list()
-      .filter((d) => d.origin === "api")
-      .map((d) => d.config);
-    return writeFileAtomic(this.file, `${JSON.stringify(api, null, 2)}\n`);
+  private enlist(d: Domain): Domain {
+    this.domains.set(d.name, d);
+    d.start();
+    return d;
   }
 }

@@ -35,7 +35,7 @@ export async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
-export function writeFileAtomic(path: string, data: string, mode = 0o600): ResultAsync<void, IoError> {
+export function writeFileAtomic(path: string, data: string | Uint8Array, mode = 0o600): ResultAsync<void, IoError> {
   const dir = dirname(path);
   const tmp = join(dir, `${TEMP_PREFIX}${basename(path)}.${randomBytes(6).toString("hex")}`);
   const run = async (): Promise<void> => {

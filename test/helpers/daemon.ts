@@ -26,11 +26,13 @@ export async function startDaemon(
     env?: Record<string, string>;
     /** The program and its first arguments (default: bin/qbackupd). */
     command?: readonly string[];
+    /** Another state directory than <dir>/state (another daemon's, say). */
+    stateDir?: string;
   } = {},
 ): Promise<RunningDaemon> {
   const dir = opts.dir ?? tempDir(t, "qbackupd-daemon-");
   const socket = join(dir, "api.sock");
-  const stateDir = join(dir, "state");
+  const stateDir = opts.stateDir ?? join(dir, "state");
   // an explicit (empty) configuration, so a host's /etc/qbackupd/config.json never leaks into tests
   const config = join(dir, "config.json");
   if (!existsSync(config)) writeFileSync(config, "{}\n");
@@ -78,6 +80,40 @@ export async function startDaemon(
       return exited;
     },
   };
+}
+
+export interface DaemonExit {
+  /** Exit status, or null when a signal ended it (or it still ran after `ms` and was killed). */
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+  /** It did not end by itself within `ms`. */
+  readonly stillRunning: boolean;
+  readonly output: string;
+}
+
+/** Run bin/qbackupd on `dir` (as startDaemon does) expecting it to end by itself within `ms`; kill it if it does not. */
+export function runDaemonToExit(
+  dir: string,
+  opts: { stateDir?: string; env?: Record<string, string>; ms?: number } = {},
+): Promise<DaemonExit> {
+  const config = join(dir, "config.json");
+  if (!existsSync(config)) writeFileSync(config, "{}\n");
+  const args = ["--socket", join(dir, "api.sock"), "--state-dir", opts.stateDir ?? join(dir, "state"), "--config", config];
+  const proc = spawn(join(ROOT, "bin", "qbackupd"), args, { env: { ...ENV, ...opts.env }, stdio: ["ignore", "pipe", "pipe"] });
+  let out = "";
+  proc.stdout.setEncoding("utf8").on("data", (d: string) => (out += d));
+  proc.stderr.setEncoding("utf8").on("data", (d: string) => (out += d));
+  return new Promise((resolve) => {
+    let stillRunning = false;
+    const timer = setTimeout(() => {
+      stillRunning = true;
+      proc.kill("SIGKILL");
+    }, opts.ms ?? 10_000);
+    proc.once("exit", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stillRunning, output: out });
+    });
+  });
 }
 
 export interface CliResult {
