@@ -1,0 +1,170 @@
+/**
+ * Someone who can write inside an allowed directory swaps a directory on the
+ * target's path for a symlink (renameat2 RENAME_EXCHANGE, atomic) while jobs
+ * begin, abort and serve NBD. Nothing outside the allowed directories may be
+ * created, changed or deleted: a victim directory's names, contents and
+ * mtimes are compared before and after. The swapper runs as nobody (65534),
+ * the owner of the directory it swaps in, through python3's ctypes.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { chmodSync, chownSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import t from "tap";
+import type { JobManager } from "../src/jobs/manager.js";
+import { createExclusive, removeSafely, trustFor } from "../src/jobs/safe-fs.js";
+import { jobManager, type TestDomain, testDomain } from "./helpers/domain.js";
+import { type Teardown, tempDir } from "./helpers/qemu.js";
+
+const NOBODY = 65534;
+
+const SWAPPER = `
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+a, b = sys.argv[1].encode(), sys.argv[2].encode()
+os.setgroups([]); os.setgid(${NOBODY}); os.setuid(${NOBODY})
+print("ready", flush=True)
+while True:
+    libc.renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE)
+    time.sleep(0.0005)
+`;
+
+interface Arena {
+  readonly allowed: string;
+  /** The directory nobody swaps with a symlink to the victim: targets go in here. */
+  readonly swapped: string;
+  readonly victim: string;
+  snapshot(): string;
+  swap(): Promise<void>;
+  stop(): void;
+}
+
+/** allowed/t (nobody's) holds d (a directory) and s (a symlink to victim, outside the allowed directories). */
+function arena(t: Teardown, victimFiles: readonly string[]): Arena {
+  const root = tempDir(t, "qbk-race-");
+  chmodSync(root, 0o755);
+  const allowed = join(root, "allowed");
+  const victim = join(root, "victim");
+  mkdirSync(allowed, { mode: 0o755 });
+  mkdirSync(victim, { mode: 0o755 });
+  for (const f of victimFiles) writeFileSync(join(victim, f), `victim ${f}\n`);
+  const own = join(allowed, "t");
+  mkdirSync(own);
+  mkdirSync(join(own, "d"));
+  symlinkSync(victim, join(own, "s"));
+  for (const p of [own, join(own, "d")]) chownSync(p, NOBODY, NOBODY);
+  let proc: ChildProcess | undefined;
+  const stop = (): void => {
+    proc?.kill("SIGKILL");
+    proc = undefined;
+  };
+  t.teardown(stop);
+  return {
+    allowed,
+    swapped: join(own, "d"),
+    victim,
+    snapshot: () =>
+      JSON.stringify(
+        readdirSync(victim)
+          .sort()
+          .map((f) => {
+            const st = lstatSync(join(victim, f));
+            return [f, st.mode, st.mtimeMs, st.size, st.isFile() ? readFileSync(join(victim, f), "utf8") : "not a regular file"];
+          }),
+      ),
+    swap: () =>
+      new Promise<void>((resolve, reject) => {
+        proc = spawn("python3", ["-c", SWAPPER, join(own, "d"), join(own, "s")], { stdio: ["ignore", "pipe", "inherit"] });
+        proc.once("error", reject);
+        proc.stdout!.once("data", () => resolve());
+      }),
+    stop,
+  };
+}
+
+async function endQuietly(jm: JobManager, d: TestDomain): Promise<void> {
+  if (jm.job(d.domain.name)?.active) await jm.end(d.domain.name);
+}
+
+t.test("begin while a directory on the target's path is swapped for a symlink: nothing is created outside", async (t) => {
+  const d = await testDomain(t, "vm1", [{ size: "1M" }]);
+  const a = arena(t, ["passwd"]);
+  const jm = jobManager(d.backupDir, { allowedDirs: [a.allowed] });
+  const before = a.snapshot();
+  await a.swap();
+  const codes = new Set<string>();
+  for (let i = 0; i < 40; i++) {
+    const target = join(a.swapped, `img${i}.qcow2`);
+    const r = await jm.begin(
+      d.domain,
+      `<domainbackup><disks><disk name='vda'><target file='${target}'/></disk></disks></domainbackup>`,
+      undefined,
+    );
+    codes.add(r.isErr() ? r.error.code : "begun");
+    await jm.wait(d.domain.name, 30_000);
+    await endQuietly(jm, d);
+  }
+  a.stop();
+  t.equal(a.snapshot(), before, "the victim directory is untouched");
+  t.same([...codes], ["path-refused"], "a directory nobody else may write to is required on the way");
+});
+
+t.test("abort while a directory on the target's path is swapped for a symlink: nothing is deleted outside", async (t) => {
+  const d = await testDomain(t, "vm1", [{ size: "64M" }]);
+  await d.vm.write(0, 0x55, 0, 32 * 1024 * 1024);
+  const a = arena(t, ["passwd"]);
+  const jm = jobManager(d.backupDir, { allowedDirs: [a.allowed] });
+  const before = a.snapshot();
+  for (let i = 0; i < 10; i++) {
+    // the target is named like the victim's file; the swapping starts once the job runs (slowly: 64 KiB/s)
+    const target = join(a.swapped, "passwd");
+    const begun = await jm.begin(
+      d.domain,
+      `<domainbackup><disks><disk name='vda'><target file='${target}'/></disk></disks></domainbackup>`,
+      undefined,
+      { bandwidth: 64 * 1024 },
+    );
+    await a.swap();
+    await new Promise((r) => setTimeout(r, Math.random() * 20));
+    if (begun.isOk()) await endQuietly(jm, d);
+    a.stop();
+  }
+  t.equal(a.snapshot(), before, "the victim directory is untouched");
+});
+
+t.test("pull with an NBD socket whose directory is swapped for a symlink: nothing is deleted outside", async (t) => {
+  const d = await testDomain(t, "vm1", [{ size: "1M" }]);
+  const names = Array.from({ length: 30 }, (_, i) => `nbd${i}.sock`);
+  const a = arena(t, names);
+  const jm = jobManager(d.backupDir, { allowedDirs: [a.allowed, d.backupDir] });
+  const before = a.snapshot();
+  await a.swap();
+  for (const n of names) {
+    const sock = join(a.swapped, n);
+    await jm.begin(d.domain, `<domainbackup mode='pull'><server transport='unix' socket='${sock}'/></domainbackup>`, undefined);
+    await endQuietly(jm, d);
+  }
+  a.stop();
+  t.equal(a.snapshot(), before, "the victim directory is untouched");
+});
+
+t.test("the walk itself never follows a swapped directory, even where its owner is trusted", async (t) => {
+  // trusting nobody here isolates the descriptor walk from the ownership check
+  const trust = trustFor({ uid: NOBODY, gid: NOBODY });
+  const a = arena(t, ["passwd"]);
+  const before = a.snapshot();
+  await a.swap();
+  let created = 0;
+  for (let i = 0; i < 200; i++) {
+    const p = join(a.swapped, `n${i}`);
+    const id = await createExclusive(p, trust).catch(() => undefined);
+    if (id !== undefined) created++;
+    await removeSafely(p, trust, id);
+    // without an identity: a regular file at the name, whichever directory the name is in now
+    await removeSafely(join(a.swapped, "passwd"), trust);
+  }
+  a.stop();
+  t.equal(a.snapshot(), before, "the victim directory is untouched");
+  t.ok(created > 0, `files were created inside meanwhile (${created} of 200)`);
+});
