@@ -12,6 +12,7 @@ import { join } from "node:path";
 import t from "tap";
 import type { JobManager } from "../src/jobs/manager.js";
 import { createExclusive, removeSafely, trustFor } from "../src/jobs/safe-fs.js";
+import { startDaemon } from "./helpers/daemon.js";
 import { jobManager, type TestDomain, testDomain } from "./helpers/domain.js";
 import { type Teardown, tempDir } from "./helpers/qemu.js";
 
@@ -167,4 +168,22 @@ t.test("the walk itself never follows a swapped directory, even where its owner 
   a.stop();
   t.equal(a.snapshot(), before, "the victim directory is untouched");
   t.ok(created > 0, `files were created inside meanwhile (${created} of 200)`);
+});
+
+t.test("the daemon warns at start of an allowed directory that others can change", async (t) => {
+  const dir = tempDir(t, "qbk-allow-");
+  chmodSync(dir, 0o755);
+  const theirs = join(dir, "theirs");
+  const ours = join(dir, "ours");
+  mkdirSync(theirs);
+  mkdirSync(ours);
+  chownSync(theirs, NOBODY, NOBODY);
+  const d = await startDaemon(t, { args: ["--allow-dir", theirs, "--allow-dir", ours] });
+  const warned = d
+    .log()
+    .split("\n")
+    .filter((l) => l.includes("allowed directory that others"));
+  t.equal(warned.length, 1, `one warning, for theirs: ${d.log()}`);
+  t.match(warned[0], theirs);
+  t.match(warned[0], /owned by uid 65534/);
 });

@@ -8,8 +8,9 @@ import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } fro
 import net from "node:net";
 import { dirname, join } from "node:path";
 import { type ApiServer, buildApi } from "../api/server.js";
-import type { DaemonConfig } from "../conf/config.js";
+import { type DaemonConfig, parseOwner } from "../conf/config.js";
 import { JobManager } from "../jobs/manager.js";
+import { allowedDirsUntrusted } from "../jobs/paths.js";
 import type { Logger } from "../log.js";
 import { type DomainEvent, DomainRegistry } from "./domains.js";
 import { Metrics } from "./metrics.js";
@@ -86,6 +87,12 @@ export class Daemon {
       if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add registered domain");
     }
     if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
+    const qemuUsers = config.domains.flatMap((dc) => (dc.qemuUser !== undefined ? [parseOwner(dc.qemuUser)] : []));
+    for (const u of await allowedDirsUntrusted(config.allowDirs, qemuUsers))
+      log.warn(
+        { dir: u.dir, reason: u.reason },
+        "allowed directory that others than root, the daemon and QEMU can change: backups there are refused",
+      );
     await d.listen();
     return d;
   }

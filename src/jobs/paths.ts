@@ -134,3 +134,36 @@ export function checkSocketPath(
     );
   });
 }
+
+/**
+ * Allowed directories that no path can pass under (some directory from `/`
+ * down to them can be changed by someone other than root, the daemon's user
+ * or one of `qemuUsers`), each with the reason: for a warning at start. The
+ * check at each request stays the one that counts (directories change).
+ */
+export async function allowedDirsUntrusted(
+  dirs: readonly string[],
+  qemuUsers: readonly { readonly uid: number; readonly gid: number }[] = [],
+): Promise<{ readonly dir: string; readonly reason: string }[]> {
+  const trust = trustFor();
+  const uids = new Set(trust.uids);
+  const gids = new Set(trust.gids);
+  for (const u of qemuUsers) {
+    uids.add(u.uid);
+    gids.add(u.gid);
+  }
+  const out: { dir: string; reason: string }[] = [];
+  for (const d of dirs) {
+    let real: string;
+    try {
+      real = await realpath(d);
+    } catch (e) {
+      out.push({ dir: d, reason: (e as Error).message });
+      continue;
+    }
+    const w = await openTrustedDir(real, { uids, gids });
+    if (w.ok) await w.dir.close();
+    else out.push({ dir: d, reason: w.reason });
+  }
+  return out;
+}
