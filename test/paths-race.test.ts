@@ -187,3 +187,61 @@ t.test("the daemon warns at start of an allowed directory that others can change
   t.match(warned[0], theirs);
   t.match(warned[0], /owned by uid 65534/);
 });
+
+const PLANTER = `
+import os, sys, time
+os.setgroups([]); os.setgid(${NOBODY}); os.setuid(${NOBODY})
+pub, victim, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print("ready", flush=True)
+names = [("img%d.qcow2" % i, "nbd%d.sock" % i) for i in range(n)]
+names = [x for pair in names for x in pair]
+while True:
+    # our files: moved away (the sticky bit refuses); then a symlink out planted, and taken back a moment later
+    for name in names:
+        p = os.path.join(pub, name)
+        try: os.rename(p, p + ".moved")
+        except OSError: pass
+        try: os.symlink(os.path.join(victim, name), p)
+        except OSError: pass
+    time.sleep(0.0005)
+    for name in names:
+        p = os.path.join(pub, name)
+        if os.path.islink(p):
+            try: os.unlink(p)
+            except OSError: pass
+    time.sleep(0.001)
+`;
+
+t.test(
+  "an allowed directory everyone may write to, with the sticky bit: names planted and moved meanwhile, nothing outside changes",
+  async (t) => {
+    const d = await testDomain(t, "vm1", [{ size: "1M" }]);
+    const n = 25;
+    const a = arena(
+      t,
+      Array.from({ length: n }, (_, i) => `nbd${i}.sock`),
+    );
+    const pub = join(a.allowed, "pub");
+    mkdirSync(pub);
+    chmodSync(pub, 0o1777);
+    const jm = jobManager(d.backupDir, { allowedDirs: [pub, d.backupDir] });
+    const before = a.snapshot();
+    const planter = spawn("python3", ["-c", PLANTER, pub, a.victim, String(n)], { stdio: ["ignore", "pipe", "inherit"] });
+    t.teardown(() => planter.kill("SIGKILL"));
+    await new Promise((r) => planter.stdout!.once("data", r));
+    let begun = 0;
+    for (let i = 0; i < n; i++) {
+      const push = `<domainbackup><disks><disk name='vda'><target file='${join(pub, `img${i}.qcow2`)}'/></disk></disks></domainbackup>`;
+      // refused (target-exists, image: EEXIST) whenever a planted name is there: a squatter can deny, never redirect
+      if ((await jm.begin(d.domain, push, undefined)).isOk()) begun++;
+      await jm.wait(d.domain.name, 30_000);
+      await endQuietly(jm, d);
+      const pull = `<domainbackup mode='pull'><server transport='unix' socket='${join(pub, `nbd${i}.sock`)}'/></domainbackup>`;
+      if ((await jm.begin(d.domain, pull, undefined)).isOk()) begun++;
+      await endQuietly(jm, d);
+    }
+    planter.kill("SIGKILL");
+    t.equal(a.snapshot(), before, "the victim directory is untouched");
+    t.ok(begun > 0, `backups in the sticky directory still begin (${begun} of ${2 * n})`);
+  },
+);
