@@ -9,8 +9,9 @@ import { execFileSync } from "node:child_process";
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { type ApiServer, buildApi } from "../api/server.js";
-import type { DaemonConfig } from "../conf/config.js";
+import { type DaemonConfig, parseOwner } from "../conf/config.js";
 import { JobManager } from "../jobs/manager.js";
+import { allowedDirsUntrusted } from "../jobs/paths.js";
 import type { Logger } from "../log.js";
 import { listening } from "../util/listening.js";
 import { type DomainEvent, DomainRegistry } from "./domains.js";
@@ -89,6 +90,12 @@ export class Daemon {
       }
       await daemon.domains.load();
       if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
+      const qemuUsers = config.domains.flatMap((dc) => (dc.qemuUser !== undefined ? [parseOwner(dc.qemuUser)] : []));
+      for (const u of await allowedDirsUntrusted(config.allowDirs, qemuUsers))
+        log.warn(
+          { dir: u.dir, reason: u.reason },
+          "allowed directory that others than root, the daemon and QEMU can change: backups there are refused",
+        );
       await daemon.listen();
       return daemon;
     } catch (e) {

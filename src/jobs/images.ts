@@ -4,13 +4,20 @@
  * formatted by QEMU itself with blockdev-create (a QMP job): no qemu-img
  * process per disk, and half the time of spawning one here (5 vs 10 ms,
  * more on a loaded host). Removed on failure and teardown.
+ *
+ * Creation and removal go through safe-fs.ts: the parent directory is walked
+ * again from `/` without following symlinks and must still be trusted, the
+ * file is created through that directory's descriptor, and removal deletes
+ * only the inode we created. A name swapped meanwhile is never followed out
+ * of the allowed directories; this module must never create or unlink by a
+ * plain path.
  */
-import { open, unlink } from "node:fs/promises";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { BlockdevCreateOptions } from "../qmp/qapi.js";
 import type { BackupError } from "./errors.js";
+import { type Created, createExclusive, removeSafely, type Trust, trustFor } from "./safe-fs.js";
 
 export interface ImageSpec {
   readonly path: string;
@@ -38,15 +45,8 @@ export function imageCreate(client: QmpClient, spec: ImageSpec): ResultAsync<voi
     message: `cannot create ${spec.path}: ${why}${/Permission denied/.test(why) ? " (QEMU must reach and open it: see qemuUser in the README)" : ""}`,
   });
   const createFile = async (): Promise<void> => {
-    const fh = await open(spec.path, "wx", 0o600);
-    try {
-      if (spec.owner !== undefined) await fh.chown(spec.owner.uid, spec.owner.gid);
-    } catch (e) {
-      await fh.close();
-      await imageRemove(spec.path);
-      throw new Error(`cannot give it to QEMU's user ${spec.owner!.uid}:${spec.owner!.gid}: ${(e as Error).message}`);
-    }
-    await fh.close();
+    const trust = trustFor(spec.owner);
+    created.set(spec.path, { id: await createExclusive(spec.path, trust, spec.owner), trust });
   };
   return ResultAsync.fromPromise(createFile(), (e) => failed((e as Error).message)).andThen(() => {
     const done = client.listen(["JOB_STATUS_CHANGE"], (e) => e.data.id === spec.jobId && e.data.status === "concluded");
@@ -77,7 +77,15 @@ export function imageCreate(client: QmpClient, spec: ImageSpec): ResultAsync<voi
   });
 }
 
-/** Remove a file we created; a missing file is fine. */
+/** What imageCreate made, by path: only that inode is ever removed, through a trusted directory walk. */
+const created = new Map<string, { readonly id: Created; readonly trust: Trust }>();
+
+/**
+ * Remove a file we created; a missing file is fine. Anything else now at the
+ * name (or a name we did not create in this process that is not a regular
+ * file) is left, as is a file whose directory is no longer trusted.
+ */
 export async function imageRemove(path: string): Promise<void> {
-  await unlink(path).catch(() => {});
+  const c = created.get(path);
+  if (await removeSafely(path, c?.trust ?? trustFor(), c?.id)) created.delete(path);
 }

@@ -193,6 +193,7 @@ export class BackupPreparer {
             this.opts.allowedDirs,
             planOpts.reuse,
             def.mode === "push" ? `target of disk '${d.name}'` : `scratch of disk '${d.name}'`,
+            planOpts.imageOwner,
           ),
         );
         return ResultAsync.combine(pathChecks).andThen((paths) => {
@@ -227,7 +228,7 @@ export class BackupPreparer {
     if (s.tls && tlsCreds === undefined)
       return errAsync({ code: "unsupported", message: "tls='yes' needs an x509 credentials directory (tlsDir) in the configuration" });
     if (s.transport === "unix") {
-      return checkSocketPath(s.socket, this.opts.allowedDirs).map(
+      return checkSocketPath(s.socket, this.opts.allowedDirs, domain.imageOwner).map(
         (path): NbdServerPlan => ({ addr: { type: "unix", data: { path } }, tlsCreds, uri: `nbd+unix:///?socket=${path}` }),
       );
     }

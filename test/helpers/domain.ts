@@ -3,9 +3,9 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { CheckpointManager } from "../../src/checkpoints/manager.js";
 import { CheckpointStore } from "../../src/checkpoints/store.js";
-import type { BackupJobInfo as JobInfo } from "../../src/jobs/model.js";
 import type { BackupDomain, BeginOptions } from "../../src/jobs/manager.js";
 import { JobManager } from "../../src/jobs/manager.js";
+import type { BackupJobInfo as JobInfo } from "../../src/jobs/model.js";
 import type { WritebackPump } from "../../src/jobs/writeback.js";
 import { probeCapabilities, QmpClient } from "../../src/qmp/index.js";
 import {
