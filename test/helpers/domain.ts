@@ -34,11 +34,13 @@ export async function testDomain(
   disks: readonly DiskSpec[],
   backupRoot?: string,
   /** More for the VM: existing `images` to attach instead of creating `disks`, extra arguments; or a qemu-storage-daemon instead. */
-  vmOpts: Omit<VmOptions, "disks"> & { storageDaemon?: boolean } = {},
+  vmOpts: Omit<VmOptions, "disks"> & { storageDaemon?: boolean; commandTimeoutMs?: number } = {},
 ): Promise<TestDomain> {
-  const { storageDaemon, ...rest } = vmOpts;
+  const { storageDaemon, commandTimeoutMs, ...rest } = vmOpts;
   const vm = await (storageDaemon ? startStorageDaemon : startVm)(t, rest.images ? rest : { ...rest, disks });
-  const client = (await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
+  const client = (
+    await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger, ...(commandTimeoutMs ? { commandTimeoutMs } : {}) })
+  )._unsafeUnwrap();
   t.teardown(() => client.close());
   const caps = (await probeCapabilities(client))._unsafeUnwrap();
   const base = tempDir(t);
@@ -51,7 +53,7 @@ export async function testDomain(
 
 export function jobManager(
   backupDir: string,
-  extra: { allowedDirs?: string[]; tlsDir?: string; writeback?: WritebackPump } = {},
+  extra: { allowedDirs?: string[]; tlsDir?: string; writeback?: WritebackPump; stateDir?: string } = {},
 ): JobManager {
   return new JobManager({
     logger: silentLogger,
@@ -59,6 +61,7 @@ export function jobManager(
     allowedDirs: extra.allowedDirs ?? [backupDir],
     tlsDir: extra.tlsDir,
     writeback: extra.writeback,
+    stateDir: extra.stateDir,
   });
 }
 
