@@ -159,12 +159,27 @@ t.test("QMP reader: random bytes never throw", async (t) => {
 t.test("QMP client: a fake peer answering with mutated replies closes cleanly every time", async (t) => {
   const r = rng(7);
   const good = '{"return": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "id": "ID"}\r\n';
+  const outcomes = new Map<string, number>();
   for (let i = 0; i < 40; i++) {
     const peer = await startFakeQmp(t, (cmd, p) => p.write(mutate(good.replace("ID", cmd.id), r)));
-    const c = (await QmpClient.connect({ path: peer.path }, { logger: silentLogger, commandTimeoutMs: 300 }))._unsafeUnwrap();
+    const c = (await QmpClient.connect({ path: peer.path }, { logger: silentLogger, commandTimeoutMs: 100 }))._unsafeUnwrap();
     const res = await c.execute("query-version");
+    const outcome = res.isOk() ? "ok" : res.error.code;
+    outcomes.set(outcome, (outcomes.get(outcome) ?? 0) + 1);
     // a mutated reply may still be a valid one; otherwise a typed error
     if (res.isErr()) t.ok(["protocol", "disconnected", "timeout", "command"].includes(res.error.code), res.error.code);
-    await c.close();
+    // a reply the client could not take closes the connection at once, with a reason
+    if (outcome === "protocol" || outcome === "disconnected") {
+      t.equal(c.runstate, "idle", `run ${i}: closed after ${outcome}`);
+      t.match(await c.closed, { cause: /^(protocol|peer)$/ }, `run ${i}: closed for a reason`);
+    }
+    // closing: within a bounded time, to idle, nothing left pending, later commands refused at once
+    const closed = await Promise.race([c.close(), new Promise((res) => setTimeout(() => res("hung"), 2000))]);
+    t.not(closed, "hung", `run ${i}: close() returns`);
+    t.equal(c.runstate, "idle", `run ${i}: idle after close`);
+    t.equal(c.inFlight, 0, `run ${i}: nothing in flight`);
+    t.match((await c.execute("query-status"))._unsafeUnwrapErr(), { code: /^(disconnected|state)$/ }, `run ${i}: refused after close`);
   }
+  // the runs took the paths that need a clean close: a broken reply (the client closes) and a lost one (timeout)
+  t.ok((outcomes.get("disconnected") ?? 0) > 0 && (outcomes.get("timeout") ?? 0) > 0, `outcomes: ${[...outcomes]}`);
 });
