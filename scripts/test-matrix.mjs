@@ -65,7 +65,7 @@ function runQemu(bin) {
 const results = [];
 if (args.length === 0) {
   console.log("# ==== unit tests (no QEMU) ====");
-  results.push(await tap("unit", ["test/unit/**/*.test.ts"], process.env));
+  results.push(await tap("unit", ["-j", "4", "test/unit/**/*.test.ts"], process.env));
 }
 for (const bin of bins) results.push(await runQemu(bin));
 let total = 0;
