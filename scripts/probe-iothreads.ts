@@ -3,7 +3,7 @@
  * (a qemu-storage-daemon serving it as vhost-user-blk from iothread io0, as
  * production storage daemons do), each in a fresh process, and prints what
  * happened: "ok", or "aborts" with QEMU's last stderr line. This is how the
- * table in src/qmp/iothread-hazards.ts was decided; test/iothread-probe.test.ts
+ * table in src/qmp/iothread-hazards.ts was decided; test/qemu/iothread-probe.test.ts
  * runs the same probes and fails when the table and QEMU disagree.
  *   node --import tsx scripts/probe-iothreads.ts
  */

@@ -6,8 +6,12 @@
 // qemu-storage-daemon, qemu-img, qemu-io and qemu-nbd, put first on PATH
 // ("system" for the system's own). Set it yourself to run one version only:
 //   QBACKUPD_QEMU_BIN=~/.cache/qbackupd/qemu-10.0.2/usr/bin npm test
-// Each run says which version it tested; the last line is tap's summary
-// format with the totals of all runs, which .ci/run reads.
+// The tests come in two layers (test/unit: no QEMU, seconds; test/qemu:
+// real QEMU). Without arguments the unit layer runs once, first, and the
+// QEMU layer once per QEMU; with arguments (test files, tap options) every
+// run gets them as they are.
+// Each run says what it tested; the last line is tap's summary format with
+// the totals of all runs, which .ci/run reads.
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { delimiter, join } from "node:path";
@@ -27,13 +31,10 @@ const bins = chosen
   ? [chosen]
   : ["system", join(cacheRoot, "qemu-10.0.2", "usr", "bin")].filter((b) => b === "system" || existsSync(join(b, "qemu-system-x86_64")));
 
-function runOnce(bin) {
-  const version = versionOf(bin);
-  const env = { ...process.env, QBACKUPD_QEMU_BIN: bin, QBACKUPD_QEMU_VERSION: version };
-  if (bin !== "system") env.PATH = `${bin}${delimiter}${process.env.PATH ?? ""}`;
-  console.log(`# ==== QEMU ${version} (${bin === "system" ? "system, on PATH" : bin}) ====`);
+/** One tap run; resolves with its totals read from tap's summary line. */
+function tap(label, tapArgs, env) {
   return new Promise((resolve) => {
-    const child = spawn("npx", ["tap", ...args], { env, stdio: ["ignore", "pipe", "inherit"] });
+    const child = spawn("npx", ["tap", ...tapArgs], { env, stdio: ["ignore", "pipe", "inherit"] });
     let last = "";
     let buf = "";
     child.stdout.on("data", (d) => {
@@ -48,21 +49,33 @@ function runOnce(bin) {
       const num = (k) => Number(new RegExp(`${k}: (\\d+)`).exec(last)?.[1] ?? 0);
       const total = num("total");
       const pass = num("pass");
-      resolve({ version, bin, total, pass, ok: code === 0 && signal === null && total > 0 });
+      resolve({ label, total, pass, ok: code === 0 && signal === null && total > 0 });
     });
   });
 }
 
+function runQemu(bin) {
+  const version = versionOf(bin);
+  const env = { ...process.env, QBACKUPD_QEMU_BIN: bin, QBACKUPD_QEMU_VERSION: version };
+  if (bin !== "system") env.PATH = `${bin}${delimiter}${process.env.PATH ?? ""}`;
+  console.log(`# ==== QEMU ${version} (${bin === "system" ? "system, on PATH" : bin}) ====`);
+  return tap(`QEMU ${version}`, args.length > 0 ? args : ["test/qemu/**/*.test.ts"], env);
+}
+
 const results = [];
-for (const bin of bins) results.push(await runOnce(bin));
+if (args.length === 0) {
+  console.log("# ==== unit tests (no QEMU) ====");
+  results.push(await tap("unit", ["-j", "4", "test/unit/**/*.test.ts"], process.env));
+}
+for (const bin of bins) results.push(await runQemu(bin));
 let total = 0;
 let pass = 0;
 for (const r of results) {
   const fail = Math.max(r.total - r.pass, r.ok ? 0 : 1);
-  console.log(`# QEMU ${r.version}: ${r.pass} passed, ${fail} failed`);
+  console.log(`# ${r.label}: ${r.pass} passed, ${fail} failed`);
   total += Math.max(r.total, r.pass + fail);
   pass += r.pass;
 }
-if (results.length < 2 && !chosen) console.log("# note: only the system's QEMU was available; QEMU 10.0 was not fetched");
+if (bins.length < 2 && !chosen) console.log("# note: only the system's QEMU was available; QEMU 10.0 was not fetched");
 console.log(`# { total: ${total}, pass: ${pass}, fail: ${total - pass} }`);
 process.exit(results.every((r) => r.ok) ? 0 : 1);

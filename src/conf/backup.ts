@@ -2,7 +2,8 @@
  * <domainbackup>: parse, format and align with a domain's disks, as libvirt's
  * conf/backup_conf.c does. Pure: no QEMU, no files. The job manager fills
  * what libvirt fills at job start (export names, bitmaps, port, driver)
- * with backupDefFillForJob, so backup-dumpxml shows every default.
+ * from the job's plan (src/jobs/manager.ts), so backup-dumpxml shows every
+ * default.
  *
  * `internal` parsing/formatting accepts libvirt's status format (per-disk
  * `state`, `<privateData>`), which never validates against the public schema.

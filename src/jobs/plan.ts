@@ -3,7 +3,8 @@ import { createHash } from "node:crypto";
  * From an aligned <domainbackup> and what QEMU reports, the per-disk plan of
  * a backup: node names, job ids, files, sync modes, bitmaps, exports; and
  * the QMP arguments that carry it out. Pure, so the generated QMP can be
- * checked against golden files (libvirt's qemublocktest habit).
+ * checked against golden files (libvirt's qemublocktest habit): see
+ * test/unit/plan-golden.test.ts and test/fixtures/golden/.
  */
 import type { BackupDef, BackupDiskDef } from "../conf/backup.js";
 import type { CheckpointDefFull } from "../conf/checkpoint.js";

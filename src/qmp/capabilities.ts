@@ -12,7 +12,7 @@ import type { SchemaInfo, VersionTriple } from "./qapi.js";
 export const MIN_QEMU_VERSION: VersionTriple = { major: 6, minor: 0, micro: 0 };
 
 /** Commands without which no backup can run. */
-const REQUIRED_COMMANDS = [
+export const REQUIRED_COMMANDS = [
   "blockdev-add",
   "blockdev-del",
   "blockdev-backup",

@@ -102,7 +102,10 @@ const FILTER_CHILD_ROLES = ["file", "backing"] as const;
 interface Graph {
   /** node-name → role → child node-name */
   readonly children: ReadonlyMap<string, ReadonlyMap<string, string>>;
-  /** node-names that are a child of another block-driver node (backing, file, target…): never a disk of their own. */
+  /**
+   * node-names that are a child of another block-driver node (backing, file, target…), or a block
+   * job's target (a mirror's target hangs from the job alone, under no node): never a disk of their own.
+   */
   readonly hasDriverParent: ReadonlySet<string>;
 }
 
@@ -113,7 +116,9 @@ function graphFrom(g: XDbgBlockGraph): Graph {
   for (const e of g.edges) {
     const p = byId.get(e.parent);
     const c = byId.get(e.child);
-    if (p?.type !== "block-driver" || c?.type !== "block-driver") continue;
+    if (c?.type !== "block-driver") continue;
+    if (p?.type === "block-job" && e.name === "target") hasDriverParent.add(c.name);
+    if (p?.type !== "block-driver") continue;
     const roles = children.get(p.name) ?? new Map<string, string>();
     children.set(p.name, roles);
     roles.set(e.name, c.name);

@@ -2,7 +2,7 @@
  * What each QEMU version does with a backup of a disk that runs in an
  * iothread, as tried on that version (scripts/probe-iothreads.ts, one fresh
  * qemu-storage-daemon per step, its disk served as vhost-user-blk from an
- * iothread; test/iothread-probe.test.ts re-runs the probes on every QEMU of
+ * iothread; test/qemu/iothread-probe.test.ts re-runs the probes on every QEMU of
  * the test matrix and fails when this table and QEMU disagree). A version
  * that was never tried gets no benefit of the doubt: newer is not assumed
  * safe, since 10.0 aborts on a push that 7.2 runs.

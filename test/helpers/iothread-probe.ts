@@ -1,7 +1,7 @@
 /**
  * Probes of what a QEMU does with a disk in an iothread, one operation per
  * fresh qemu-storage-daemon, so an abort is seen as the process dying. Used
- * by scripts/probe-iothreads.ts and test/iothread-probe.test.ts.
+ * by scripts/probe-iothreads.ts and test/qemu/iothread-probe.test.ts.
  */
 import { execFile, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";

@@ -1,0 +1,8 @@
+/** The short form of scripts/stress-load: four VMs backing up at once with a daemon kill -9 and restart. */
+import t from "tap";
+import { stress } from "../../scripts/lib/stress.js";
+
+t.test("four VMs, daemon restarted mid-backup: every backup byte-exact, no leftovers", async (t) => {
+  const r = await stress(t, 4);
+  t.same(r.failures, []);
+});
