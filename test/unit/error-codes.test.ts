@@ -51,6 +51,7 @@ const BACKUP = {
   image: [500, EXIT.failed],
   timeout: [504, EXIT.timeout],
   "job-failed": [500, EXIT.failed],
+  aborted: [409, EXIT.conflict],
 } as const satisfies Record<BackupErrorCode, Row>;
 
 const EXPECTED = {

@@ -10,8 +10,8 @@ import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync,
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
-import { addDomain, cli, connected, runDaemonToExit, startDaemon } from "./helpers/daemon.js";
-import { startVm, type Teardown, tempDir } from "./helpers/qemu.js";
+import { addDomain, cli, connected, runDaemonToExit, startDaemon } from "../helpers/daemon.js";
+import { startVm, type Teardown, tempDir } from "../helpers/qemu.js";
 
 async function names(socket: string): Promise<string[]> {
   const r = await cli(socket, ["--json", "domain-list"]);

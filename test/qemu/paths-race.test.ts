@@ -10,11 +10,11 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { chmodSync, chownSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import type { JobManager } from "../src/jobs/manager.js";
-import { createExclusive, removeSafely, trustFor } from "../src/jobs/safe-fs.js";
-import { startDaemon } from "./helpers/daemon.js";
-import { jobManager, type TestDomain, testDomain } from "./helpers/domain.js";
-import { type Teardown, tempDir } from "./helpers/qemu.js";
+import type { JobManager } from "../../src/jobs/manager.js";
+import { createExclusive, removeSafely, trustFor } from "../../src/jobs/safe-fs.js";
+import { startDaemon } from "../helpers/daemon.js";
+import { jobManager, type TestDomain, testDomain } from "../helpers/domain.js";
+import { type Teardown, tempDir } from "../helpers/qemu.js";
 
 const NOBODY = 65534;
 

@@ -10,8 +10,8 @@ import { existsSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import t from "tap";
-import { bitmapNames, jobManager, leftovers, type TestDomain, testDomain } from "./helpers/domain.js";
-import { tempDir } from "./helpers/qemu.js";
+import { bitmapNames, jobManager, leftovers, type TestDomain, testDomain } from "../helpers/domain.js";
+import { tempDir } from "../helpers/qemu.js";
 
 type Tap = Pick<typeof t, "ok" | "notOk" | "same" | "equal">;
 const MiB = 1024 * 1024;
