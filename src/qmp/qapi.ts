@@ -21,7 +21,8 @@ export interface SchemaInfo {
   "meta-type": "builtin" | "enum" | "array" | "object" | "alternate" | "command" | "event";
   "arg-type"?: string;
   "ret-type"?: string;
-  members?: { name: string; type?: string; default?: null }[];
+  /** An alternate's members have a type and no name. */
+  members?: { name?: string; type?: string; default?: null }[];
   values?: string[];
   variants?: { case: string; type: string }[];
   features?: string[];

@@ -1,0 +1,308 @@
+/**
+ * Replies of the wrong shape (src/qmp/shapes.ts). A fake peer answers
+ * nonsense, which real QEMU never does: every typed command, and every
+ * function of the QMP layer that reads a reply, must fail with a `protocol`
+ * error and a closed connection, never throw. Real QEMU's own replies (the
+ * QEMU under test, 7.2 or 10.0) must all pass.
+ */
+import { join } from "node:path";
+import type { Result } from "neverthrow";
+import t from "tap";
+import { claimQemu } from "../src/daemon/ownership.js";
+import {
+  type DiskInfo,
+  discoverDisks,
+  disksInIothreads,
+  disksWithFuseExports,
+  hmp,
+  probeCapabilities,
+  QmpClient,
+  type QmpCommandName,
+  type QmpError,
+} from "../src/qmp/index.js";
+import { REPLY_SHAPES, replyShapeError } from "../src/qmp/shapes.js";
+import { type FakeCommand, reply, startFakeQmp } from "./helpers/fake-qmp.js";
+import { createImage, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
+
+const unhandled: unknown[] = [];
+process.on("unhandledRejection", (e) => unhandled.push(e));
+process.on("uncaughtException", (e) => unhandled.push(e));
+
+/** Commands whose reply some code reads (the rest answer `{}`, checked only to be an object). */
+const READ_COMMANDS = [
+  "query-version",
+  "query-qmp-schema",
+  "query-status",
+  "query-block",
+  "query-named-block-nodes",
+  "x-debug-query-block-graph",
+  "query-jobs",
+  "qom-list",
+  "query-block-exports",
+  "human-monitor-command",
+] as const satisfies readonly QmpCommandName[];
+
+const DISK: DiskInfo = {
+  name: "vda",
+  nodeName: "drive-vda",
+  qdev: "/machine/peripheral/vda/virtio-backend",
+  file: "/x.qcow2",
+  format: "qcow2",
+  virtualSize: 1 << 20,
+  clusterSize: 65536,
+  readOnly: false,
+  hasBacking: false,
+  bitmaps: [],
+};
+
+/** Everything the QMP layer (and the daemon's claim) does with a connection's replies, as Results. */
+const CONSUMERS: Record<string, (c: QmpClient) => Promise<Result<unknown, unknown>>> = {
+  probeCapabilities: async (c) => probeCapabilities(c),
+  discoverDisks: async (c) => discoverDisks(c),
+  disksInIothreads: async (c) => disksInIothreads(c, [DISK]),
+  disksWithFuseExports: async (c) => disksWithFuseExports(c, [DISK]),
+  claimQemu: async (c) => claimQemu(c, "vm1", () => undefined),
+  hmp: async (c) => hmp(c, "info block"),
+};
+
+/** The close's cause, or "still open" after `ms`. */
+async function closedWithin(c: QmpClient, ms = 2000): Promise<string> {
+  let timer: NodeJS.Timeout | undefined;
+  const open = new Promise<string>((r) => {
+    timer = setTimeout(() => r("still open"), ms);
+  });
+  const cause = await Promise.race([c.closed.then((i) => i.cause), open]);
+  clearTimeout(timer);
+  return cause;
+}
+
+async function connect(path: string): Promise<QmpClient> {
+  return (await QmpClient.connect({ path }, { logger: silentLogger }))._unsafeUnwrap();
+}
+
+t.test('a peer answering {"return": {}} to everything', async (t) => {
+  const peer = await startFakeQmp(t, (cmd, p) => p.write(reply(cmd.id, {})));
+  for (const command of READ_COMMANDS) {
+    const c = await connect(peer.path);
+    const r = await c.execute(command as "query-jobs");
+    const e = r.isErr() ? r.error : undefined;
+    t.equal(e?.code, "protocol", `${command}: a protocol error`);
+    t.match(e?.code === "protocol" && e.message, new RegExp(`${command} answered .*: return`));
+    t.equal(await closedWithin(c), "protocol", `${command}: the connection is closed`);
+    await c.close();
+  }
+  for (const [name, run] of Object.entries(CONSUMERS)) {
+    const c = await connect(peer.path);
+    let r: Result<unknown, unknown> | undefined;
+    try {
+      r = await run(c);
+    } catch (e) {
+      t.fail(`${name} threw: ${(e as Error).stack}`);
+    }
+    t.ok(r?.isErr(), `${name} fails`);
+    await c.close();
+  }
+  // the probe's own error is the protocol error
+  const c = await connect(peer.path);
+  const p = await probeCapabilities(c).then(
+    (x) => x,
+    (e: unknown) => e,
+  );
+  t.equal((p as { error?: QmpError }).error?.code, "protocol", "probeCapabilities: protocol error, no throw");
+  t.same(unhandled, []);
+});
+
+t.test("commands without a return value accept {} and refuse a non-object", async (t) => {
+  t.equal(replyShapeError("blockdev-add", {}), undefined);
+  t.match(replyShapeError("blockdev-add", 5), /expected an object, got a number/);
+  t.equal(replyShapeError("qom-get", null), undefined, "qom-get: any property value");
+  for (const command of Object.keys(REPLY_SHAPES) as QmpCommandName[]) {
+    if ((READ_COMMANDS as readonly string[]).includes(command) || command === "qom-get") continue;
+    t.equal(replyShapeError(command, {}), undefined, `${command}: {}`);
+    t.ok(replyShapeError(command, []) !== undefined, `${command}: [] refused`);
+  }
+});
+
+/** Well-formed replies, as QEMU gives them, to mutate. */
+const SAMPLES: Record<(typeof READ_COMMANDS)[number], unknown> = {
+  "query-version": { qemu: { major: 7, minor: 2, micro: 0 }, package: "fake" },
+  "query-qmp-schema": [
+    { name: "blockdev-backup", "meta-type": "command", "arg-type": "1" },
+    { name: "1", "meta-type": "object", members: [{ name: "x-perf", type: "2" }, { name: "device" }] },
+    { name: "2", "meta-type": "object", members: [{ name: "bitmaps" }, { name: "allocation-depth" }] },
+    { name: "3", "meta-type": "enum", values: ["a"] },
+  ],
+  "query-status": { running: false, status: "prelaunch" },
+  "query-block": [
+    {
+      device: "",
+      qdev: "/machine/peripheral/vda/virtio-backend",
+      type: "unknown",
+      removable: false,
+      locked: false,
+      inserted: {
+        "node-name": "drive-vda",
+        drv: "qcow2",
+        ro: false,
+        file: "/x.qcow2",
+        image: { filename: "/x.qcow2", "virtual-size": 1048576, "cluster-size": 65536, "backing-image": { filename: "/b" } },
+        "dirty-bitmaps": [{ name: "c1", count: 0, granularity: 65536, recording: true, busy: false, persistent: true }],
+      },
+    },
+  ],
+  "query-named-block-nodes": [
+    {
+      "node-name": "drive-vda",
+      drv: "qcow2",
+      ro: false,
+      backing_file: "/b",
+      image: { filename: "/x.qcow2", "virtual-size": 1048576, "backing-filename": "/b" },
+      "dirty-bitmaps": [{ name: "c1", count: 0, granularity: 65536, recording: true, busy: false, persistent: true, inconsistent: true }],
+    },
+    { "node-name": "#block123", drv: "file", ro: false, image: { filename: "/x.qcow2", "virtual-size": 1 } },
+  ],
+  "x-debug-query-block-graph": {
+    nodes: [
+      { id: 1, type: "block-backend", name: "vda" },
+      { id: 2, type: "block-driver", name: "drive-vda" },
+    ],
+    edges: [{ parent: 1, child: 2, name: "root", perm: [], "shared-perm": [] }],
+  },
+  "query-jobs": [{ id: "j", type: "backup", status: "running", "current-progress": 1, "total-progress": 2 }],
+  "qom-list": [
+    { name: "qbk-owner-x", type: "child<secret>" },
+    { name: "io0", type: "child<iothread>" },
+  ],
+  "query-block-exports": [{ id: "e", type: "fuse", "node-name": "drive-vda", "shutting-down": false }],
+  "human-monitor-command": "",
+};
+
+t.test("the samples fit their shapes", async (t) => {
+  for (const [command, value] of Object.entries(SAMPLES)) t.equal(replyShapeError(command as QmpCommandName, value), undefined, command);
+});
+
+/** Seeded, so a failure can be replayed. */
+function mulberry32(seed: number): () => number {
+  let a = seed;
+  return () => {
+    a = (a + 0x6d2b79f5) | 0;
+    let x = Math.imul(a ^ (a >>> 15), 1 | a);
+    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const WRONG: readonly unknown[] = [0, -1, 1.5, "", "x", true, false, null, [], [0], ["x"], [null], {}, { a: 1 }, [{}]];
+
+/** Every (container, key) in a JSON value. */
+function slots(v: unknown, out: [Record<string, unknown> | unknown[], string | number][] = []) {
+  if (Array.isArray(v)) {
+    v.forEach((x, i) => {
+      out.push([v, i]);
+      slots(x, out);
+    });
+  } else if (typeof v === "object" && v !== null) {
+    for (const [k, x] of Object.entries(v)) {
+      out.push([v as Record<string, unknown>, k]);
+      slots(x, out);
+    }
+  }
+  return out;
+}
+
+/** A wrong value of any type, or a sample with one member deleted or replaced by a wrong type. */
+function nonsense(command: string, rnd: () => number): unknown {
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+  const sample = SAMPLES[command as keyof typeof SAMPLES];
+  if (sample === undefined || rnd() < 0.25) return pick(WRONG);
+  const v = structuredClone(sample);
+  const all = slots(v);
+  if (all.length === 0) return pick(WRONG);
+  for (let n = 1 + Math.floor(rnd() * 2); n > 0; n--) {
+    const [box, key] = pick(all);
+    if (!Array.isArray(box) && rnd() < 0.4) delete box[key as string];
+    else (box as Record<string | number, unknown>)[key] = pick(WRONG);
+  }
+  return v;
+}
+
+t.test("fuzz: replies of random wrong types and missing members never throw", async (t) => {
+  const seed = Number(process.env.QBACKUPD_FUZZ_SEED ?? 20261202);
+  const rnd = mulberry32(seed);
+  const seen: unknown[] = [];
+  const peer = await startFakeQmp(t, (cmd: FakeCommand, p) => {
+    const v = nonsense(cmd.execute, rnd);
+    seen.push(v);
+    p.write(reply(cmd.id, v));
+  });
+  const names = Object.keys(CONSUMERS);
+  const rounds = 300;
+  let failed = 0;
+  for (let i = 0; i < rounds; i++) {
+    const name = names[i % names.length]!;
+    const c = await connect(peer.path);
+    try {
+      const r = await CONSUMERS[name]!(c);
+      if (r.isErr()) failed++;
+    } catch (e) {
+      t.fail(`seed ${seed} round ${i}: ${name} threw after replies ${JSON.stringify(seen.slice(-6))}: ${(e as Error).stack}`);
+    }
+    // every typed command too, one per round, straight at the client
+    const command = READ_COMMANDS[i % READ_COMMANDS.length]!;
+    if (c.runstate === "running") {
+      const r = await c.execute(command as "query-jobs");
+      const v = seen.at(-1);
+      const verdict = replyShapeError(command, v);
+      t.equal(r.isErr(), verdict !== undefined, `${command} ${JSON.stringify(v)}: refused exactly when the shape is wrong`);
+      if (r.isErr()) t.equal(r.error.code, "protocol");
+    }
+    await c.close();
+  }
+  t.ok(seen.length >= rounds, `${seen.length} nonsense replies`);
+  t.ok(failed > rounds / 2, `most rounds fail cleanly (${failed}/${rounds})`);
+  await new Promise((r) => setTimeout(r, 20));
+  t.same(unhandled, [], "no unhandled rejection or exception");
+});
+
+t.test("real QEMU's replies all pass", async (t) => {
+  const dir = tempDir(t);
+  const base = join(dir, "base.qcow2");
+  await createImage(base, "16M");
+  const top = join(dir, "top.qcow2");
+  await createImage(top, "16M", "qcow2", ["-b", base, "-F", "qcow2"]);
+  const vm = await startVm(t, {
+    disks: [{ size: "16M", iothread: "io0" }],
+    extraArgs: [
+      "-blockdev",
+      JSON.stringify({ "node-name": "spare", driver: "qcow2", file: { driver: "file", filename: top } }),
+      "-object",
+      "secret,id=qbk-owner-x,data=x",
+    ],
+  });
+  const m = vm.monitor;
+  const node = vm.disks[0]!.node;
+  (await m.execute("block-dirty-bitmap-add", { node, name: "b1", persistent: true }))._unsafeUnwrap();
+  (await m.execute("block-dirty-bitmap-add", { node, name: "b2", disabled: true }))._unsafeUnwrap();
+  (await m.execute("nbd-server-start", { addr: { type: "unix", data: { path: join(dir, "nbd.sock") } } }))._unsafeUnwrap();
+  (await m.execute("block-export-add", { type: "nbd", id: "e1", "node-name": node, bitmaps: ["b2"] }))._unsafeUnwrap();
+  const target = join(dir, "t.qcow2");
+  await createImage(target, "16M");
+  (await m.execute("blockdev-add", { driver: "qcow2", "node-name": "t", file: { driver: "file", filename: target } }))._unsafeUnwrap();
+  (await m.execute("blockdev-backup", { "job-id": "j1", device: node, target: "t", sync: "full", speed: 1 }))._unsafeUnwrap();
+  // straight through the client: each reply is checked against its shape
+  for (const command of READ_COMMANDS) {
+    if (command === "qom-list" || command === "human-monitor-command") continue;
+    const r = await m.execute(command as "query-jobs");
+    t.ok(r.isOk(), `${command}: ${r.isErr() ? JSON.stringify(r.error) : "passes"}`);
+  }
+  t.ok((await m.execute("query-named-block-nodes", { flat: true })).isOk(), "query-named-block-nodes flat");
+  t.ok((await m.execute("qom-list", { path: "/objects" })).isOk(), "qom-list");
+  t.ok((await m.execute("human-monitor-command", { "command-line": "info block" })).isOk(), "human-monitor-command");
+  for (const [name, run] of Object.entries(CONSUMERS)) {
+    if (name === "claimQemu") continue; // leaves a marker; the daemon tests cover it
+    const r = await run(m);
+    t.ok(r.isOk(), `${name} on real QEMU`);
+  }
+  t.ok((await m.execute("block-job-cancel", { device: "j1", force: true })).isOk());
+  t.equal(m.runstate, "running");
+});
