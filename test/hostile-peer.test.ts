@@ -1,0 +1,86 @@
+/**
+ * A registered "QEMU" that answers every command with `{"return": {}}`: the
+ * daemon (the built one, as a user runs it) must fail that domain with a
+ * protocol error and go on serving the others — also after a restart with
+ * both in domains.json, which once made it crash at every start.
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import t from "tap";
+import { cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
+import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
+import { rangeHolds, startVm } from "./helpers/qemu.js";
+
+const MiB = 1024 * 1024;
+
+interface Listed {
+  name: string;
+  state: string;
+  error: string | null;
+}
+
+async function list(d: RunningDaemon): Promise<Listed[]> {
+  const r = await cli(d.socket, ["--json", "domain-list"]);
+  if (r.code !== 0) throw new Error(`domain-list: ${r.stderr}`);
+  return JSON.parse(r.stdout) as Listed[];
+}
+
+/** Until the bad domain shows its protocol error. */
+async function refused(d: RunningDaemon): Promise<Listed> {
+  let bad: Listed | undefined;
+  await until("the bad domain refused", async () => {
+    bad = (await list(d)).find((x) => x.name === "bad");
+    return bad?.state === "unsupported";
+  });
+  return bad!;
+}
+
+t.test("a peer answering {} to everything fails its own domain only, before and after a restart", async (t) => {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  await vm.write(0, 0x5a, 0, 4 * MiB);
+  const peer = await startFakeQmp(t, (cmd, p) => p.write(reply(cmd.id, {})));
+  const d = await startDaemon(t);
+  const good = await cli(d.socket, ["domain-add", "good", "--qmp", vm.qmpPath]);
+  t.equal(good.code, 0, good.stderr);
+  const bad = await cli(d.socket, ["domain-add", "bad", "--qmp", peer.path, "--timeout", "10"]);
+  t.not(bad.code, 0, "domain-add says the bad one is not connected");
+  t.match(bad.stderr, /registered but not connected: QMP protocol error: query-version answered with a reply of the wrong shape/);
+  const listed = await refused(d);
+  t.match(listed.error, /QMP protocol error: query-version answered with a reply of the wrong shape: return\.qemu: expected an object/);
+  t.equal(d.proc.exitCode, null, "the daemon is running");
+
+  const begin = await cli(d.socket, ["--json", "backup-begin", "good"]);
+  t.equal(begin.code, 0, begin.stderr);
+  const w = await cli(d.socket, ["--json", "wait", "good", "--timeout", "60"]);
+  t.equal(w.code, 0, `${w.stdout}${w.stderr}`);
+  const done = JSON.parse(w.stdout) as { state: string; disks: { file: string }[] };
+  t.equal(done.state, "ready");
+  t.ok(await rangeHolds(done.disks[0]!.file, "qcow2", 0x5a, 0, 4 * MiB), "the good domain's backup is byte-exact");
+
+  t.equal(await d.stop(), 0, "a clean stop");
+  const persisted = () =>
+    (JSON.parse(readFileSync(join(d.stateDir, "domains.json"), "utf8")) as { name: string }[]).map((x) => x.name).sort();
+  t.same(persisted(), ["bad", "good"]);
+
+  // both in domains.json: the daemon starts, stays up, and serves the good one
+  const d2 = await startDaemon(t, { dir: d.dir });
+  await connected(d2, "good");
+  t.match((await refused(d2)).error, /QMP protocol error/);
+  const dialled = peer.negotiations.length;
+  await new Promise((r) => setTimeout(r, 3000));
+  t.equal(d2.proc.exitCode, null, "still running after 3 s");
+  // redialled with backoff (200 ms, 400, 800, 1600…), not every 200 ms
+  t.ok(peer.negotiations.length - dialled <= 5, `the bad peer redialled ${peer.negotiations.length - dialled} times in 3 s`);
+  t.same(
+    (await list(d2)).map((x) => [x.name, x.state]),
+    [
+      ["bad", "unsupported"],
+      ["good", "connected"],
+    ],
+  );
+  t.same(persisted(), ["bad", "good"], "domains.json still lists both");
+  const again = await cli(d2.socket, ["--json", "backup-begin", "good"]);
+  t.equal(again.code, 0, again.stderr);
+  t.equal((await cli(d2.socket, ["wait", "good", "--timeout", "60"])).code, 0);
+  t.equal(await d2.stop(), 0);
+});
