@@ -7,9 +7,11 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
+import { parseDomainConfig } from "../src/conf/config.js";
+import { DomainRegistry } from "../src/daemon/domains.js";
 import { cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
 import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
-import { rangeHolds, startVm } from "./helpers/qemu.js";
+import { rangeHolds, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
 
@@ -83,4 +85,51 @@ t.test("a peer answering {} to everything fails its own domain only, before and 
   t.equal(again.code, 0, again.stderr);
   t.equal((await cli(d2.socket, ["wait", "good", "--timeout", "60"])).code, 0);
   t.equal(await d2.stop(), 0);
+});
+
+t.test("a throw while a domain connects fails that domain, not the process", async (t) => {
+  const rejections: unknown[] = [];
+  const onRejection = (e: unknown) => rejections.push(e);
+  process.on("unhandledRejection", onRejection);
+  t.teardown(() => process.off("unhandledRejection", onRejection));
+  // a peer good enough to pass the probe and the claim
+  const peer = await startFakeQmp(t, (cmd, p) => {
+    const answers: Record<string, unknown> = {
+      "query-version": { qemu: { major: 7, minor: 2, micro: 0 }, package: "fake-for-a-throw" },
+      "query-qmp-schema": [
+        "blockdev-add",
+        "blockdev-del",
+        "blockdev-backup",
+        "transaction",
+        "block-dirty-bitmap-add",
+        "block-dirty-bitmap-merge",
+        "block-dirty-bitmap-remove",
+        "query-jobs",
+        "job-dismiss",
+        "job-cancel",
+        "nbd-server-start",
+        "block-export-add",
+        "block-export-del",
+      ].map((name) => ({ name, "meta-type": "command" })),
+      "qom-list": [],
+    };
+    p.write(reply(cmd.id, answers[cmd.execute] ?? {}));
+  });
+  const stateDir = tempDir(t);
+  // stands for a bug in job adoption or cleanup: code past the QMP checks that throws
+  const registry = new DomainRegistry(
+    stateDir,
+    silentLogger,
+    () => {},
+    async () => {
+      throw new Error("boom in onConnect");
+    },
+  );
+  t.teardown(() => registry.stopAll());
+  const d = (await registry.add(parseDomainConfig({ name: "vm1", qmp: peer.path }, "test")._unsafeUnwrap(), "config"))._unsafeUnwrap();
+  await d.settled(5000);
+  await new Promise((r) => setTimeout(r, 50));
+  t.same(rejections, [], "no unhandled rejection");
+  t.equal(d.state, "unsupported");
+  t.match(d.error, /boom in onConnect/);
 });
