@@ -306,3 +306,22 @@ t.test("real QEMU's replies all pass", async (t) => {
   t.ok((await m.execute("block-job-cancel", { device: "j1", force: true })).isOk());
   t.equal(m.runstate, "running");
 });
+
+t.test("an event whose data is of the wrong shape is a protocol error; well-formed ones pass", async (t) => {
+  const ev = (event: string, data: unknown) => `${JSON.stringify({ event, data, timestamp: { seconds: 1, microseconds: 2 } })}\r\n`;
+  const peer = await startFakeQmp(t, (cmd, p) => {
+    if (cmd.execute === "good") p.write(ev("JOB_STATUS_CHANGE", { id: "j1", status: "concluded" }) + reply(cmd.id, {}));
+    if (cmd.execute === "unknown") p.write(ev("constructor", { x: 1 }) + ev("X_FUTURE", 5) + reply(cmd.id, {}));
+    if (cmd.execute === "bad") p.write(ev("JOB_STATUS_CHANGE", { id: 5, status: "concluded" }) + reply(cmd.id, {}));
+  });
+  const c = await connect(peer.path);
+  const l = c.listen(["JOB_STATUS_CHANGE"]);
+  t.ok((await c.executeRaw("good")).isOk());
+  t.same((await l.next(1000))?.data, { id: "j1", status: "concluded" }, "a well-formed event is delivered");
+  t.ok((await c.executeRaw("unknown")).isOk(), "events nobody types are left alone");
+  const r = await c.executeRaw("bad");
+  t.equal(r.isErr() && r.error.code, "disconnected", "the pending command fails with the connection");
+  t.equal(await l.next(1000), undefined, "the malformed event is not delivered; the listener is closed");
+  t.equal(await closedWithin(c), "protocol");
+  t.match((await c.closed).message, /JOB_STATUS_CHANGE event of the wrong shape: data\.id: expected a string, got a number/);
+});

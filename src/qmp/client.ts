@@ -13,7 +13,7 @@ import { EventListener, type QmpEventName, type QmpEventOf } from "./events.js";
 import { type EventMessage, type GreetingMessage, type QmpInbound, type QmpVersion, serializeCommand } from "./messages.js";
 import { type CloseInfo, formatAddress, type QmpAddress, QmpProtocol, type Runstate } from "./protocol.js";
 import type { QmpCommandMap, QmpCommandName } from "./qapi.js";
-import { REPLY_SHAPES, type Shape } from "./shapes.js";
+import { eventShapeError, REPLY_SHAPES, type Shape } from "./shapes.js";
 
 export interface QmpClientOptions {
   readonly logger?: Logger;
@@ -309,6 +309,11 @@ export class QmpClient {
   }
 
   private dispatchEvent(msg: EventMessage): void {
+    const wrong = eventShapeError(msg.event, msg.data);
+    if (wrong !== undefined) {
+      this.protocol.protocolError(`${msg.event} event of the wrong shape: ${wrong}`);
+      return;
+    }
     for (const l of this.listeners) l.offer(msg);
   }
 

@@ -1,11 +1,14 @@
 /**
- * The shape each typed command's reply must have before anyone reads it.
+ * The shape each typed command's reply (and typed event's data) must have
+ * before anyone reads it.
  *
- * QmpCommandMap (qapi.ts) says what QEMU answers; a peer that is not QEMU,
- * or is broken, may answer anything (`{"return": {}}` to query-qmp-schema
- * once crashed the daemon in the capability probe). QmpClient.execute checks
- * every reply against the shape here and fails the command with a `protocol`
- * error (and closes the connection) when it does not fit.
+ * QmpCommandMap (qapi.ts) says what QEMU answers and QmpEventMap what its
+ * events carry; a peer that is not QEMU, or is broken, may send anything
+ * (`{"return": {}}` to query-qmp-schema once crashed the daemon in the
+ * capability probe). QmpClient.execute checks every reply against the shape
+ * here and fails the command with a `protocol` error (and closes the
+ * connection) when it does not fit; an event of a typed name whose data does
+ * not fit closes the connection too.
  *
  * Only what qbackupd reads is checked: a member nobody reads is left alone,
  * so a QEMU that drops or adds members we ignore still passes (7.2 and 10.0
@@ -14,7 +17,7 @@
  * strings, not against a list: a newer QEMU may add values. Pure functions,
  * no I/O; a check never throws and never recurses into the peer's nesting.
  */
-import type { QmpCommandName } from "./qapi.js";
+import type { QmpCommandName, QmpEventMap } from "./qapi.js";
 
 /** Undefined when `v` fits; else what is wrong, and where (`path`). */
 export type Shape = (v: unknown, path: string) => string | undefined;
@@ -153,4 +156,23 @@ export const REPLY_SHAPES: { readonly [C in QmpCommandName]: Shape } = {
 /** Undefined when `value` fits `command`'s reply shape; else what is wrong. */
 export function replyShapeError(command: QmpCommandName, value: unknown): string | undefined {
   return REPLY_SHAPES[command](value, "return");
+}
+
+/** Each typed event's data, as read by listeners (job.ts, manager.ts, images.ts). */
+const EVENT_SHAPES: { readonly [N in keyof QmpEventMap]: Shape } = {
+  JOB_STATUS_CHANGE: obj({ id: str, status: str }),
+  BLOCK_JOB_COMPLETED: empty,
+  BLOCK_JOB_CANCELLED: empty,
+  BLOCK_JOB_ERROR: obj({ device: str, operation: str, action: str }),
+  BLOCK_JOB_READY: empty,
+  BLOCK_JOB_PENDING: empty,
+  BLOCK_EXPORT_DELETED: obj({ id: str }),
+  SHUTDOWN: empty,
+  STOP: empty,
+  RESUME: empty,
+};
+
+/** Undefined when an event's data fits its shape, or the event is not one we type (any name off the wire). */
+export function eventShapeError(event: string, data: unknown): string | undefined {
+  return Object.hasOwn(EVENT_SHAPES, event) ? EVENT_SHAPES[event as keyof QmpEventMap](data, "data") : undefined;
 }
