@@ -11,6 +11,7 @@ import { parseDomainConfig } from "../src/conf/config.js";
 import { DomainRegistry } from "../src/daemon/domains.js";
 import { cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
 import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
+import { mulberry32, nonsense, SAMPLES } from "./helpers/nonsense.js";
 import { rangeHolds, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
 
 const MiB = 1024 * 1024;
@@ -132,4 +133,61 @@ t.test("a throw while a domain connects fails that domain, not the process", asy
   t.same(rejections, [], "no unhandled rejection");
   t.equal(d.state, "unsupported");
   t.match(d.error, /boom in onConnect/);
+});
+
+t.test("fuzz through the daemon: a peer that passes the probe, then answers at random, never brings it down", async (t) => {
+  const seed = Number(process.env.QBACKUPD_FUZZ_SEED ?? 1202);
+  const rnd = mulberry32(seed);
+  const schema = [
+    "blockdev-add",
+    "blockdev-del",
+    "blockdev-backup",
+    "transaction",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-merge",
+    "block-dirty-bitmap-remove",
+    "query-jobs",
+    "job-dismiss",
+    "job-cancel",
+    "nbd-server-start",
+    "block-export-add",
+    "block-export-del",
+  ].map((name) => ({ name, "meta-type": "command" }));
+  const peer = await startFakeQmp(t, (cmd, p) => {
+    let v: unknown;
+    if (cmd.execute === "query-version") v = { qemu: { major: 7, minor: 2, micro: 0 }, package: `fuzz-${seed}` };
+    else if (cmd.execute === "query-qmp-schema") v = schema;
+    else if (rnd() < 0.05) v = nonsense(cmd.execute, rnd);
+    else v = SAMPLES[cmd.execute as keyof typeof SAMPLES] ?? {};
+    p.write(reply(cmd.id, v));
+  });
+  const d = await startDaemon(t);
+  t.equal((await cli(d.socket, ["domain-add", "fz", "--qmp", peer.path, "--no-wait"])).code, 0);
+  const end = Date.now() + 10_000;
+  const codes = new Map<string, Set<number>>();
+  while (Date.now() < end) {
+    for (const args of [
+      ["backup-begin", "fz"],
+      ["checkpoint-create-as", "fz"],
+      ["checkpoint-list", "fz"],
+      ["domjobinfo", "fz"],
+      ["domjobabort", "fz"],
+      ["domain-list"],
+    ]) {
+      const r = await cli(d.socket, args);
+      const seen = codes.get(args[0]!) ?? new Set<number>();
+      seen.add(r.code);
+      codes.set(args[0]!, seen);
+      t.equal(d.proc.exitCode, null, `seed ${seed}: the daemon is up after ${args.join(" ")}`);
+      if (d.proc.exitCode !== null) break;
+    }
+    if (d.proc.exitCode !== null) break;
+  }
+  t.comment(
+    `seed ${seed}: ${peer.received.length} commands answered; exit codes ${JSON.stringify([...codes].map(([k, v]) => [k, [...v]]))}`,
+  );
+  t.ok(peer.received.length > 30, `the peer was asked ${peer.received.length} commands`);
+  if (process.env.QBACKUPD_FUZZ_LOG) (await import("node:fs")).writeFileSync(process.env.QBACKUPD_FUZZ_LOG, d.log());
+  t.notMatch(d.log(), /TypeError|RangeError|Unhandled|uncaught/i, "nothing thrown in the daemon's log");
+  t.equal(await d.stop(), 0, "a clean stop");
 });
