@@ -5,6 +5,7 @@
  * error and a closed connection, never throw. Real QEMU's own replies (the
  * QEMU under test, 7.2 or 10.0) must all pass.
  */
+import net from "node:net";
 import { join } from "node:path";
 import type { Result } from "neverthrow";
 import t from "tap";
@@ -21,7 +22,7 @@ import {
   type QmpError,
 } from "../src/qmp/index.js";
 import { REPLY_SHAPES, replyShapeError } from "../src/qmp/shapes.js";
-import { type FakeCommand, reply, startFakeQmp } from "./helpers/fake-qmp.js";
+import { type FakeCommand, GREETING, reply, startFakeQmp } from "./helpers/fake-qmp.js";
 import { mulberry32, nonsense, READ_COMMANDS, SAMPLES } from "./helpers/nonsense.js";
 import { createImage, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
 
@@ -212,4 +213,26 @@ t.test("an event whose data is of the wrong shape is a protocol error; well-form
   t.equal(await l.next(1000), undefined, "the malformed event is not delivered; the listener is closed");
   t.equal(await closedWithin(c), "protocol");
   t.match((await c.closed).message, /JOB_STATUS_CHANGE event of the wrong shape: data\.id: expected a string, got a number/);
+});
+
+t.test("a wrong answer to qmp_capabilities fails the connect", async (t) => {
+  const path = join(tempDir(t), "caps.sock");
+  const server = net.createServer((sock) => {
+    sock.on("error", () => {});
+    sock.write(GREETING);
+    sock.setEncoding("utf8").on("data", (d: string) => {
+      const cmd = JSON.parse(d.split("\n")[0]!) as FakeCommand;
+      sock.write(reply(cmd.id, [1, 2]));
+    });
+  });
+  await new Promise<void>((r) => server.listen(path, r));
+  t.teardown(() => new Promise<void>((r) => server.close(() => r())));
+  const r = await QmpClient.connect({ path }, { logger: silentLogger });
+  if (r.isOk()) await r.value.close();
+  const e = r.isErr() ? r.error : undefined;
+  t.equal(e?.code, "connect");
+  t.match(
+    e?.code === "connect" && e.message,
+    /qmp_capabilities answered with a reply of the wrong shape: return: expected an object, got an array/,
+  );
 });
