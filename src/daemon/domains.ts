@@ -63,7 +63,8 @@ export class Domain implements BackupDomain {
     this.supervisor = new QmpSupervisor(
       parseAddress(config.qmp),
       {
-        connected: (c) => void this.onConnected(c),
+        // a throw past the QMP checks (a bug) must fail this domain, not end the daemon with an unhandled rejection
+        connected: (c) => void this.onConnected(c).catch((e: unknown) => this.onConnectThrew(e)),
         disconnected: (i) => this.onDisconnected(i.message),
         failed: (m) => this.onConnectFailed(m),
       },
@@ -207,6 +208,16 @@ export class Domain implements BackupDomain {
     await this.checkpoints.reconcile(c);
     this.ready = this.conn === c;
     this.onEvent({ domain: this.name, type: "connected" });
+    this.settle();
+  }
+
+  /** Like an unsupported QEMU: the domain stays unusable until its QEMU reconnects; no redial loop on a bug that repeats. */
+  private onConnectThrew(e: unknown): void {
+    this.stateValue = "unsupported";
+    this.ready = false;
+    this.lastError = `internal error while connecting: ${e instanceof Error ? e.message : String(e)}`;
+    this.log.error({ domain: this.name, err: e }, "domain connect failed with an internal error");
+    this.onEvent({ domain: this.name, type: "unsupported", message: this.lastError });
     this.settle();
   }
 

@@ -57,13 +57,14 @@ export function formatVersion(v: VersionTriple): string {
 export function capabilitiesFromSchema(version: VersionTriple, pkg: string, schema: readonly SchemaInfo[]): QemuCapabilities {
   const byName = new Map(schema.map((s) => [s.name, s]));
   const commands = new Set(schema.filter((s) => s["meta-type"] === "command").map((s) => s.name));
+  // an alternate's members have no name
+  const names = (s: SchemaInfo | undefined): string[] => (s?.members ?? []).flatMap((m) => (m.name === undefined ? [] : [m.name]));
   const members = (command: string): Set<string> => {
     const argType = byName.get(command)?.["arg-type"];
     const t = argType === undefined ? undefined : byName.get(argType);
-    return new Set((t?.members ?? []).map((m) => m.name));
+    return new Set(names(t));
   };
-  const typeMembers = (pred: (s: SchemaInfo) => boolean): Set<string> =>
-    new Set(schema.filter(pred).flatMap((s) => (s.members ?? []).map((m) => m.name)));
+  const typeMembers = (pred: (s: SchemaInfo) => boolean): Set<string> => new Set(schema.filter(pred).flatMap(names));
   const backup = members("blockdev-backup");
   // block-export-add's argument type is a union object; its nbd variant carries the members.
   const exportMembers = typeMembers((s) => s["meta-type"] === "object" && (s.members ?? []).some((m) => m.name === "bitmaps"));

@@ -13,6 +13,7 @@ import { EventListener, type QmpEventName, type QmpEventOf } from "./events.js";
 import { type EventMessage, type GreetingMessage, type QmpInbound, type QmpVersion, serializeCommand } from "./messages.js";
 import { type CloseInfo, formatAddress, type QmpAddress, QmpProtocol, type Runstate } from "./protocol.js";
 import type { QmpCommandMap, QmpCommandName } from "./qapi.js";
+import { eventShapeError, REPLY_SHAPES, type Shape } from "./shapes.js";
 
 export interface QmpClientOptions {
   readonly logger?: Logger;
@@ -39,6 +40,8 @@ interface Pending {
   readonly resolve: (r: Result<unknown, QmpError>) => void;
   readonly deadline: number;
   readonly timeoutMs: number;
+  /** The reply's expected shape (typed commands); a reply that does not fit is a protocol error. */
+  readonly shape: Shape | undefined;
 }
 
 export class QmpClient {
@@ -100,7 +103,7 @@ export class QmpClient {
       .andThen((greeting) => {
         // only what the greeting offers may be enabled (QEMU refuses the rest)
         const enable = opts.oob !== false && greeting.capabilities.includes("oob") ? ["oob"] : [];
-        return client.executeRaw("qmp_capabilities", enable.length > 0 ? { enable } : {}, { timeoutMs }).map(() => {
+        return client.execute("qmp_capabilities", enable.length > 0 ? { enable } : {}, { timeoutMs }).map(() => {
           client.enabled = enable;
         });
       })
@@ -134,7 +137,12 @@ export class QmpClient {
     return this.pending.size;
   }
 
-  /** A typed command from QmpCommandMap. */
+  /**
+   * A typed command from QmpCommandMap. Its reply is checked against the
+   * command's shape (shapes.ts) before the caller sees it: one that does not
+   * fit fails with a `protocol` error and the connection is closed, as for
+   * any other message QEMU would never send.
+   */
   execute<C extends QmpCommandName>(
     command: C,
     ...rest: undefined extends QmpCommandMap[C]["args"]
@@ -142,11 +150,18 @@ export class QmpClient {
       : [args: QmpCommandMap[C]["args"], opts?: ExecuteOptions]
   ): ResultAsync<QmpCommandMap[C]["ret"], QmpError> {
     const [args, opts] = rest;
-    return this.executeRaw(command, args as object | undefined, opts) as ResultAsync<QmpCommandMap[C]["ret"], QmpError>;
+    return this.send(command, args as object | undefined, opts ?? {}, REPLY_SHAPES[command]) as ResultAsync<
+      QmpCommandMap[C]["ret"],
+      QmpError
+    >;
   }
 
-  /** Any command, untyped: the escape hatch for what QmpCommandMap does not list. */
+  /** Any command, untyped and unchecked: the escape hatch for what QmpCommandMap does not list. */
   executeRaw(command: string, args?: object, opts: ExecuteOptions = {}): ResultAsync<unknown, QmpError> {
+    return this.send(command, args, opts, undefined);
+  }
+
+  private send(command: string, args: object | undefined, opts: ExecuteOptions, shape: Shape | undefined): ResultAsync<unknown, QmpError> {
     if (this.protocol.runstate !== "running") {
       return errAsync(
         this.closeInfo !== undefined
@@ -161,7 +176,7 @@ export class QmpClient {
     const timeoutMs = opts.timeoutMs ?? this.commandTimeoutMs;
     const deadline = Date.now() + timeoutMs;
     const reply = new Promise<Result<unknown, QmpError>>((resolve) => {
-      this.pending.set(id, { command, resolve, deadline, timeoutMs });
+      this.pending.set(id, { command, resolve, deadline, timeoutMs, shape });
     });
     if (deadline < this.timeoutAt) this.armTimeout(deadline);
     this.protocol.send(serializeCommand(seq, command, args));
@@ -274,6 +289,14 @@ export class QmpClient {
         }
         this.pending.delete(msg.id);
         if (this.pending.size === 0) this.disarmTimeout();
+        const wrong = msg.kind === "return" ? p.shape?.(msg.value, "return") : undefined;
+        if (wrong !== undefined) {
+          // not QEMU, or a broken one: nothing it says on this connection can be trusted
+          const message = `${p.command} answered with a reply of the wrong shape: ${wrong}`;
+          p.resolve(err({ code: "protocol", message: `QMP protocol error: ${message}` }));
+          this.protocol.protocolError(message);
+          return;
+        }
         p.resolve(
           msg.kind === "return" ? ok(msg.value) : err({ code: "command", command: p.command, errorClass: msg.errorClass, desc: msg.desc }),
         );
@@ -286,6 +309,11 @@ export class QmpClient {
   }
 
   private dispatchEvent(msg: EventMessage): void {
+    const wrong = eventShapeError(msg.event, msg.data);
+    if (wrong !== undefined) {
+      this.protocol.protocolError(`${msg.event} event of the wrong shape: ${wrong}`);
+      return;
+    }
     for (const l of this.listeners) l.offer(msg);
   }
 

@@ -16,12 +16,10 @@ export type QmpError =
       readonly errorClass: string;
       readonly desc: string;
     }
-  /** The peer broke the protocol; the connection has been closed. */
+  /** The peer broke the protocol (a malformed message, or a reply or event of the wrong shape: shapes.ts); the connection has been closed. */
   | { readonly code: "protocol"; readonly message: string }
   /** Called in the wrong runstate (e.g. execute before connect). */
   | { readonly code: "state"; readonly state: string; readonly message: string }
-  /** The reply did not have the shape the typed wrapper expected. */
-  | { readonly code: "bad-reply"; readonly command: string; readonly message: string }
   /** The QEMU at the other end lacks what we need. */
   | { readonly code: "unsupported"; readonly message: string };
 
@@ -34,7 +32,6 @@ export function qmpErrorMessage(e: QmpError): string {
     case "disconnected":
     case "protocol":
     case "state":
-    case "bad-reply":
     case "unsupported":
       return e.message;
     case "timeout":

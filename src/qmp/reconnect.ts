@@ -86,12 +86,15 @@ export class QmpSupervisor {
       this.handlers.failed?.(qmpErrorMessage(r.error));
       return;
     }
-    this.attempt = 0;
     const client = r.value;
     this.current = client;
     client.onClose((info) => {
       if (this.current === client) this.current = undefined;
       if (this.stopped) return;
+      // A connection we hung up on for nonsense does not reset the backoff: a
+      // peer that greets properly and then answers garbage (not QEMU, or a
+      // broken one) would otherwise be redialled every initialDelayMs forever.
+      if (info.cause !== "protocol") this.attempt = 0;
       this.handlers.disconnected(info);
       this.timer = setTimeout(() => void this.tryConnect(), backoffDelay(this.attempt++, this.backoff));
     });
