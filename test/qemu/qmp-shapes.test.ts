@@ -9,7 +9,7 @@ import net from "node:net";
 import { join } from "node:path";
 import type { Result } from "neverthrow";
 import t from "tap";
-import { claimQemu } from "../src/daemon/ownership.js";
+import { claimQemu } from "../../src/daemon/ownership.js";
 import {
   type DiskInfo,
   discoverDisks,
@@ -20,11 +20,11 @@ import {
   QmpClient,
   type QmpCommandName,
   type QmpError,
-} from "../src/qmp/index.js";
-import { REPLY_SHAPES, replyShapeError } from "../src/qmp/shapes.js";
-import { type FakeCommand, GREETING, reply, startFakeQmp } from "./helpers/fake-qmp.js";
-import { mulberry32, nonsense, READ_COMMANDS, SAMPLES } from "./helpers/nonsense.js";
-import { createImage, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
+} from "../../src/qmp/index.js";
+import { REPLY_SHAPES, replyShapeError } from "../../src/qmp/shapes.js";
+import { type FakeCommand, GREETING, reply, startFakeQmp } from "../helpers/fake-qmp.js";
+import { mulberry32, nonsense, READ_COMMANDS, SAMPLES } from "../helpers/nonsense.js";
+import { createImage, silentLogger, startVm, tempDir } from "../helpers/qemu.js";
 
 const unhandled: unknown[] = [];
 process.on("unhandledRejection", (e) => unhandled.push(e));

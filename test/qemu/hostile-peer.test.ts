@@ -7,12 +7,12 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import { parseDomainConfig } from "../src/conf/config.js";
-import { DomainRegistry } from "../src/daemon/domains.js";
-import { cli, connected, type RunningDaemon, startDaemon, until } from "./helpers/daemon.js";
-import { reply, startFakeQmp } from "./helpers/fake-qmp.js";
-import { mulberry32, nonsense, SAMPLES } from "./helpers/nonsense.js";
-import { rangeHolds, silentLogger, startVm, tempDir } from "./helpers/qemu.js";
+import { parseDomainConfig } from "../../src/conf/config.js";
+import { DomainRegistry } from "../../src/daemon/domains.js";
+import { cli, connected, type RunningDaemon, startDaemon, until } from "../helpers/daemon.js";
+import { reply, startFakeQmp } from "../helpers/fake-qmp.js";
+import { mulberry32, nonsense, SAMPLES } from "../helpers/nonsense.js";
+import { rangeHolds, silentLogger, startVm, tempDir } from "../helpers/qemu.js";
 
 const MiB = 1024 * 1024;
 
