@@ -9,8 +9,14 @@
  * checkpoint's bitmap depends on it, so every incremental from every
  * remaining checkpoint stays exact. The cost is one bit set per active bitmap
  * per guest write; docs/checkpoints.md has the reasoning.
+ *
+ * Every look at QEMU's bitmaps (create, reconcile, requireValid, redefine)
+ * is also recorded as evidence (evidence.ts), so that a bitmap removed and
+ * re-added, cleared or disabled behind our back stays invalid after it
+ * looks healthy again. Evidence updates run one at a time, in order; none
+ * is ever cleared except by deleting its checkpoint.
  */
-import { errAsync, okAsync, type ResultAsync } from "neverthrow";
+import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import { withFrozenGuest } from "../agent/quiesce.js";
 import {
   type CheckpointDef,
@@ -25,9 +31,10 @@ import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
 import type { TransactionAction } from "../qmp/qapi.js";
 import { type CheckpointError, fromAgent, fromQmp } from "./errors.js";
+import { type EvidenceBook, evidenceBorn, evidenceDefined, evidenceDrop, evidenceLoad, evidenceObserve, evidenceSave } from "./evidence.js";
 import type { CheckpointStore } from "./store.js";
 import { descendants, topological } from "./tree.js";
-import { type Assessment, assessCheckpoints, checkpointProblems } from "./validity.js";
+import { type Assessment, assessCheckpoints, checkpointProblems, evidenceProblems } from "./validity.js";
 
 export interface CheckpointManagerOptions {
   readonly logger: Logger;
@@ -64,6 +71,19 @@ export class CheckpointManager {
   private assessment: Assessment | undefined;
   private readonly log: Logger;
   private readonly now: () => number;
+  /** The evidence as last recorded; undefined until first loaded. */
+  private book: EvidenceBook | undefined;
+  /** Evidence updates, one after the other (load, change, durable write). */
+  private queue: Promise<unknown> = Promise.resolve();
+  /**
+   * Bumped for a name whenever its checkpoint is created, redefined or
+   * deleted: a QEMU view taken before the bump says nothing about the new
+   * state and is not recorded for that name.
+   */
+  private readonly tokens = new Map<string, number>();
+  private tokenClock = 0;
+  /** Evidence generation at prepare(), per checkpoint name, until commit. */
+  private readonly preparedAt = new Map<string, number>();
 
   constructor(
     readonly store: CheckpointStore,
@@ -86,9 +106,72 @@ export class CheckpointManager {
     this.assessment = { ...this.assessment, problems: m };
   }
 
-  /** Problems of a checkpoint as of the last reconcile (undefined: not reconciled yet). */
+  /** Problems of a checkpoint as of the last reconcile (undefined: not reconciled yet, and no evidence against it). */
   problemsOf(name: string): readonly string[] | undefined {
-    return this.assessment?.problems.get(name);
+    const p = this.assessment?.problems.get(name);
+    if (p !== undefined) return p;
+    const def = this.store.get(name);
+    if (def === undefined || this.book === undefined) return undefined;
+    const e = evidenceProblems(def, this.book);
+    return e.length > 0 ? e : undefined;
+  }
+
+  /** The evidence recorded so far (loaded on first use). */
+  evidence(): ResultAsync<EvidenceBook, CheckpointError> {
+    return this.updateEvidence((b) => b);
+  }
+
+  private bump(names: Iterable<string>): void {
+    for (const n of names) this.tokens.set(n, ++this.tokenClock);
+  }
+
+  /**
+   * Apply `change` to the evidence, in turn with every other change, and
+   * write it durably when it changed. The change is kept in memory even if
+   * the write fails (what was seen stays known until the daemon stops); the
+   * write's error is returned.
+   */
+  private updateEvidence(change: (b: EvidenceBook) => EvidenceBook): ResultAsync<EvidenceBook, CheckpointError> {
+    const run = async (): Promise<EvidenceBook> => {
+      if (this.book === undefined) {
+        const loaded = await evidenceLoad(this.store.dir, this.log);
+        if (loaded.isErr()) throw loaded.error;
+        this.book = loaded.value;
+      }
+      const before = this.book;
+      const after = change(before);
+      if (after === before || JSON.stringify(after) === JSON.stringify(before)) return before;
+      this.book = after;
+      const saved = await evidenceSave(this.store.dir, after);
+      if (saved.isErr()) {
+        this.log.error({ error: saved.error.message }, "cannot record bitmap evidence");
+        throw saved.error;
+      }
+      return after;
+    };
+    const p = this.queue.then(run, run);
+    this.queue = p.catch(() => undefined);
+    return ResultAsync.fromPromise(p, (e) => e as CheckpointError);
+  }
+
+  /** Record one QEMU view as evidence; `tokens` is a copy of this.tokens taken before QEMU was asked. */
+  private recordView(disks: readonly DiskInfo[], tokens: ReadonlyMap<string, number>): ResultAsync<EvidenceBook, CheckpointError> {
+    return this.updateEvidence((book) => {
+      const skip = new Set<string>();
+      for (const [n, v] of this.tokens) if (tokens.get(n) !== v) skip.add(n);
+      const obs = evidenceObserve(book, this.store.all, disks, this.now(), skip);
+      for (const f of obs.found)
+        this.log.error({ checkpoint: f.checkpoint, disk: f.disk, reason: f.reason }, "checkpoint bitmap changed behind our back: invalid");
+      return obs.book;
+    });
+  }
+
+  /** Ask QEMU for its bitmaps and record what it shows. */
+  private look(client: QmpClient): ResultAsync<{ disks: DiskInfo[]; book: EvidenceBook }, CheckpointError> {
+    const tokens = new Map(this.tokens);
+    return discoverDisks(client)
+      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
+      .andThen((disks) => this.recordView(disks, tokens).map((book) => ({ disks, book })));
   }
 
   /**
@@ -96,18 +179,25 @@ export class CheckpointManager {
    * `inUse` lists "disk/bitmap" pairs a job of ours holds busy.
    */
   reconcile(client: QmpClient, inUse: ReadonlySet<string> = new Set()): ResultAsync<Assessment, CheckpointError> {
-    return discoverDisks(client)
-      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
-      .map((disks) => {
-        const a = assessCheckpoints(this.store.all, disks, inUse);
-        for (const [name, problems] of a.problems) {
-          if (problems.length > 0) this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
-        }
-        for (const u of a.unclaimed)
-          this.log.info({ disk: u.disk, bitmap: u.bitmap, persistent: u.persistent }, "bitmap not claimed by any checkpoint");
-        this.assessment = a;
-        return a;
-      });
+    return this.look(client).map(({ disks, book }) => {
+      const a = assessCheckpoints(this.store.all, disks, inUse, book);
+      for (const [name, problems] of a.problems) {
+        if (problems.length > 0) this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
+      }
+      for (const u of a.unclaimed)
+        this.log.info({ disk: u.disk, bitmap: u.bitmap, persistent: u.persistent }, "bitmap not claimed by any checkpoint");
+      this.assessment = a;
+      return a;
+    });
+  }
+
+  /**
+   * Record the bitmaps' state after a backup ended (completed, failed or
+   * cancelled): the job calls this once its own temporary bitmaps are gone,
+   * so the next check compares against the counts as they were then.
+   */
+  recordAfterBackup(client: QmpClient): ResultAsync<Assessment, CheckpointError> {
+    return this.reconcile(client);
   }
 
   /**
@@ -118,17 +208,17 @@ export class CheckpointManager {
     const def = this.store.get(name);
     if (def === undefined)
       return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
-    return discoverDisks(client)
-      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
-      .andThen((disks) => {
-        const problems = checkpointProblems(def, disks, inUse);
-        if (problems.length === 0) return okAsync(def);
-        return errAsync<never, CheckpointError>({
-          code: "checkpoint-invalid",
-          message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
-          problems,
-        });
+    return this.look(client).andThen(({ disks, book }) => {
+      // this look is the freshest view: listings show what it found (taints of other checkpoints too)
+      for (const c of this.store.all.values()) this.setProblems(c.name, checkpointProblems(c, disks, inUse, book));
+      const problems = checkpointProblems(def, disks, inUse, book);
+      if (problems.length === 0) return okAsync(def);
+      return errAsync<never, CheckpointError>({
+        code: "checkpoint-invalid",
+        message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
+        problems,
       });
+    });
   }
 
   /** Align a definition with the domain and build its bitmap-add actions (for create, and for backups that create one). */
@@ -155,12 +245,19 @@ export class CheckpointManager {
       }
       actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: true } });
     }
-    return okAsync({ def: full, actions });
+    // bitmaps first seen up to this generation exist before this checkpoint's are added
+    return this.evidence().map((book) => {
+      this.preparedAt.set(full.name, book.gen);
+      return { def: full, actions };
+    });
   }
 
   /** After QEMU created the bitmaps: persist and make current. On failure the caller discards the bitmaps. */
   commit(def: CheckpointDefFull): ResultAsync<CheckpointDefFull, CheckpointError> {
     const previous = this.store.current;
+    const gen = this.preparedAt.get(def.name);
+    this.preparedAt.delete(def.name);
+    this.bump([def.name]);
     return this.store
       .save(def)
       .andThen(() =>
@@ -177,7 +274,12 @@ export class CheckpointManager {
         // QEMU just created its bitmaps: valid until the next reconcile says otherwise
         this.setProblems(def.name, []);
         return def;
-      });
+      })
+      .andThen((d) =>
+        this.updateEvidence((b) => (gen === undefined ? evidenceDefined(evidenceDrop(b, [d.name]), d.name) : evidenceBorn(b, d.name, gen)))
+          .orElse(() => okAsync(undefined))
+          .map(() => d),
+      );
   }
 
   /** Remove a prepared checkpoint's bitmaps from QEMU (rollback). */
@@ -186,6 +288,7 @@ export class CheckpointManager {
       type: "block-dirty-bitmap-remove",
       data: { node: (a.data as { node: string }).node, name: (a.data as { name: string }).name },
     }));
+    this.preparedAt.delete(prepared.def.name);
     if (actions.length === 0) return okAsync(undefined);
     return client
       .execute("transaction", { actions })
@@ -222,7 +325,13 @@ export class CheckpointManager {
                 .andThen(() => errAsync(e)),
             ),
           );
-        }),
+        })
+        .andThen((created) =>
+          // the first sighting of the new bitmaps: the baseline later checks compare with
+          this.look(client)
+            .map(() => created)
+            .orElse(() => okAsync(created)),
+        ),
     );
   }
 
@@ -239,6 +348,7 @@ export class CheckpointManager {
       });
     }
     if (def.disks === undefined) return errAsync({ code: "xml-invalid", message: `redefining checkpoint '${name}' needs its <disks>` });
+    const tokens = new Map(this.tokens);
     return discoverDisks(client)
       .mapErr((e) => fromQmp("cannot list disks", e))
       .andThen((disks) => {
@@ -275,9 +385,19 @@ export class CheckpointManager {
         }
         const current = this.store.current;
         const becomesCurrent = current === undefined || current === full.parent;
+        // the same definition again keeps its evidence; a new one starts without history
+        if (existing === undefined) this.bump([name]);
+        // this view is the one the redefinition was checked against: it is the new checkpoint's first sighting
+        const token = this.tokens.get(name);
+        if (token !== undefined) tokens.set(name, token);
         return this.store
           .save(full)
           .andThen(() => (becomesCurrent ? this.store.setCurrent(name) : okAsync(undefined)))
+          .andThen(() =>
+            this.updateEvidence((b) => (existing === undefined ? evidenceDefined(evidenceDrop(b, [name]), name) : b))
+              .andThen(() => this.recordView(disks, tokens))
+              .orElse(() => okAsync(undefined)),
+          )
           .map(() => full);
       });
   }
@@ -290,6 +410,7 @@ export class CheckpointManager {
     const below = opts.children || opts.childrenOnly ? descendants(this.store.all, name, true) : [];
     const targets = opts.childrenOnly ? below : [def, ...below];
     const doomed = new Set(targets.map((t) => t.name));
+    this.bump(doomed);
     const removeBitmaps: ResultAsync<void, CheckpointError> = opts.metadataOnly
       ? okAsync(undefined)
       : client === undefined
@@ -342,11 +463,18 @@ export class CheckpointManager {
     }
     chain = chain.andThen(() => this.store.setCurrent(newCurrent));
     for (const c of order) chain = chain.andThen(() => this.store.remove(c.name));
-    return chain.map(() => {
-      for (const c of order) this.setProblems(c.name, undefined);
-      this.log.info({ deleted: order.map((c) => c.name), current: newCurrent }, "checkpoints deleted");
-      return targets.map((t) => t.name);
-    });
+    return chain
+      .map(() => {
+        for (const c of order) this.setProblems(c.name, undefined);
+        this.log.info({ deleted: order.map((c) => c.name), current: newCurrent }, "checkpoints deleted");
+        return targets.map((t) => t.name);
+      })
+      .andThen((names) =>
+        // a failed write leaves stale entries, which the next check drops (their checkpoints are gone)
+        this.updateEvidence((b) => evidenceDrop(b, names))
+          .orElse(() => okAsync(undefined))
+          .map(() => names),
+      );
   }
 
   /** The checkpoint's XML; with `size`, each disk's bytes changed since it (from QEMU's bitmap counts). */
