@@ -11,8 +11,11 @@ import { join } from "node:path";
 import t from "tap";
 import { CheckpointManager } from "../src/checkpoints/manager.js";
 import { CheckpointStore } from "../src/checkpoints/store.js";
+import { ApiClient } from "../src/cli/client.js";
 import { QmpClient } from "../src/qmp/index.js";
 import { handBackups } from "./helpers/backup.js";
+import { startDaemon } from "./helpers/daemon.js";
+import { jobManager, leftovers, settledBackup, testDomain } from "./helpers/domain.js";
 import { type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./helpers/qemu.js";
 
 const KiB = 1024;
@@ -225,4 +228,65 @@ t.test("normal use is never refused: checkpoints, writes, incrementals, delete, 
   (await d2.mgr.delete(c2, "c1"))._unsafeUnwrap();
   await ok(d2.mgr, c2, ["c2", "c3"], "after deleting the oldest");
   void vdb;
+});
+
+t.test("through the job manager: c1 removed and re-added after an incremental checked it; the next incremental is refused", async (t) => {
+  const d = await testDomain(t, "vm1", [{ size: "32M" }]);
+  const jm = jobManager(d.backupDir);
+  const node = d.vm.disks[0]!.node;
+  const full = await settledBackup(jm, d, undefined, cp("c1"));
+  t.equal(full.state, "ready", `full with c1: ${full.error ?? ""}`);
+  await d.vm.write(0, 0x11, 0, 8 * MiB);
+  const inc = await settledBackup(jm, d, "<domainbackup><incremental>c1</incremental></domainbackup>", undefined);
+  t.equal(inc.state, "ready", `incremental from c1 (it checks c1: 8 MiB dirty): ${inc.error ?? ""}`);
+  await tamper(d.vm, "block-dirty-bitmap-remove", { node, name: "c1" });
+  await tamper(d.vm, "block-dirty-bitmap-add", { node, name: "c1", persistent: true });
+  await d.vm.write(0, 0x12, 16 * MiB, MiB);
+  const e = (await jm.begin(d.domain, "<domainbackup><incremental>c1</incremental></domainbackup>", undefined))._unsafeUnwrapErr();
+  t.match(e, {
+    code: "checkpoint-invalid",
+    message: /bitmap 'c1' on disk 'vda' cannot be trusted: its dirty count fell from 8388608 to 1048576/,
+  });
+  t.same(await leftovers(d.client), [], "nothing started in QEMU");
+});
+
+t.test("through the daemon's API: a listing is a check, shows the reason, and the incremental is refused", async (t) => {
+  const vm = await startVm(t, { disks: [{ size: "32M" }] });
+  const daemon = await startDaemon(t);
+  const api = new ApiClient(daemon.socket);
+  const call = async (method: string, path: string, body?: unknown) => {
+    const r = await api.request(method, path, body);
+    if ("code" in r && !("status" in r)) throw new Error(r.message);
+    return r as { status: number; body: unknown };
+  };
+  t.equal((await call("POST", "/v1/domains", { name: "vm1", qmp: vm.qmpPath })).status, 201);
+  for (let i = 0; i < 200; i++) {
+    const l = (await call("GET", "/v1/domains")).body as { state: string }[];
+    if (l[0]?.state === "connected") break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  t.equal((await call("POST", "/v1/domains/vm1/checkpoints", { xml: cp("c1") })).status, 201);
+  await vm.write(0, 0x11, 0, 4 * MiB);
+  type Listed = { name: string; valid: boolean | null; problems: string[] };
+  const list = async () => (await call("GET", "/v1/domains/vm1/checkpoints")).body as Listed[];
+  t.match(await list(), [{ name: "c1", valid: true, problems: [] }]);
+  const node = vm.disks[0]!.node;
+  await tamper(vm, "block-dirty-bitmap-clear", { node, name: "c1" });
+  await vm.write(0, 0x12, 8 * MiB, MiB);
+  t.match(await list(), [
+    { name: "c1", valid: false, problems: [/cannot be trusted: its dirty count fell from 4194304 to 1048576 bytes/] },
+  ]);
+  const r = await call("POST", "/v1/domains/vm1/backup", { backupXml: "<domainbackup><incremental>c1</incremental></domainbackup>" });
+  t.match(r, { status: 409, body: { code: "checkpoint-invalid", message: /dirty count fell/ } });
+  // a daemon restart keeps the verdict
+  await daemon.stop();
+  const again = await startDaemon(t, { dir: daemon.dir });
+  const api2 = new ApiClient(again.socket);
+  for (let i = 0; i < 200; i++) {
+    const r2 = await api2.request("GET", "/v1/domains");
+    if ("status" in r2 && (r2.body as { state: string }[])[0]?.state === "connected") break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const r3 = await api2.request("GET", "/v1/domains/vm1/checkpoints");
+  t.match(r3, { status: 200, body: [{ name: "c1", valid: false, problems: [/dirty count fell/] }] });
 });
