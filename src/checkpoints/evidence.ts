@@ -205,8 +205,9 @@ export function evidenceObserve(
  * writes. (B having more than it should — bits merged into it by someone —
  * would also break the rule; an over-full bitmap loses no data, but A is
  * then refused wrongly; docs/checkpoints.md says so.) Both counts come from
- * one query-block, where QEMU lists newer bitmaps first: a write landing
- * between the two reads can only raise A.
+ * one query: QEMU reads every bitmap of a node under the lock a write holds
+ * while it sets its bits in all of them (block/dirty-bitmap.c), so the
+ * counts are one consistent snapshot.
  */
 function crossCheck(
   out: Record<string, CheckpointEvidence>,
