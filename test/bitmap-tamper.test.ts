@@ -6,7 +6,7 @@
  * reason, even once the bitmap looks healthy again; and normal use must
  * never be refused.
  */
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { CheckpointManager } from "../src/checkpoints/manager.js";
@@ -289,4 +289,32 @@ t.test("through the daemon's API: a listing is a check, shows the reason, and th
   }
   const r3 = await api2.request("GET", "/v1/domains/vm1/checkpoints");
   t.match(r3, { status: 200, body: [{ name: "c1", valid: false, problems: [/dirty count fell/] }] });
+});
+
+t.test("c1 cleared while the daemon is down: the reconcile on connect catches it against the evidence on disk", async (t) => {
+  const { vm, client, mgr, stateDir } = await setup(t);
+  const node = vm.disks[0]!.node;
+  (await mgr.create(client, cp("c1")))._unsafeUnwrap();
+  await vm.write(0, 0x11, 0, 3 * MiB);
+  t.same((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), []);
+  // the daemon stops; meanwhile someone clears c1 and the guest writes on
+  await tamper(vm, "block-dirty-bitmap-clear", { node, name: "c1" });
+  await vm.write(0, 0x12, 8 * MiB, MiB);
+  const restarted = await managerOn(stateDir);
+  t.match((await restarted.mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [
+    /bitmap 'c1' on disk 'vda' cannot be trusted: its dirty count fell from 3145728 to 1048576 bytes/,
+  ]);
+  t.match((await restarted.mgr.requireValid(client, "c1"))._unsafeUnwrapErr(), { code: "checkpoint-invalid" });
+});
+
+t.test("an unreadable evidence file is logged and rebuilt from what QEMU shows; nothing is refused for it", async (t) => {
+  const { vm, client, mgr, stateDir } = await setup(t);
+  (await mgr.create(client, cp("c1")))._unsafeUnwrap();
+  await vm.write(0, 0x11, 0, MiB);
+  const file = join(stateDir, "checkpoint", "vm1", ".bitmaps.json");
+  writeFileSync(file, '{"version":1,"gen":');
+  const restarted = await managerOn(stateDir);
+  t.same((await restarted.mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), []);
+  t.ok((await restarted.mgr.requireValid(client, "c1")).isOk());
+  t.match(JSON.parse(readFileSync(file, "utf8")), { version: 1, checkpoints: { c1: { disks: { vda: { seen: { count: MiB } } } } } });
 });
