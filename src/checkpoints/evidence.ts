@@ -119,7 +119,8 @@ function sightingTaint(b: DirtyBitmap, prev: BitmapSighting | undefined, now: nu
 }
 
 /**
- * Compare QEMU's bitmaps with the evidence and return the updated evidence.
+ * Compare QEMU's bitmaps with the evidence and return the updated evidence
+ * (the same object when nothing changed, so the caller writes only changes).
  * `skip` names checkpoints whose evidence changed while QEMU was being
  * queried (created or deleted meanwhile): this view of them is stale.
  */
@@ -130,42 +131,47 @@ export function evidenceObserve(
   now: number,
   skip: ReadonlySet<string> = new Set(),
 ): Observation {
-  const byDisk = new Map(disks.map((d) => [d.name, d]));
+  const byDisk = new Map(disks.map((d) => [d.name, { disk: d, bitmaps: new Map(d.bitmaps.map((b) => [b.name, b])) }]));
   const gen = book.gen + 1;
   let sawNew = false;
+  let changed = false;
   const found: { checkpoint: string; disk: string; reason: string }[] = [];
   const out: Record<string, CheckpointEvidence> = {};
   for (const [name, ev] of Object.entries(book.checkpoints)) {
     // evidence of checkpoints no longer in the store is dropped (unless it changed under this check)
     if (defs.has(name) || skip.has(name)) out[name] = ev;
+    else changed = true;
   }
   for (const def of defs.values()) {
     if (skip.has(def.name)) continue;
     const ev: CheckpointEvidence = out[def.name] ?? { disks: {} };
-    const evDisks: Record<string, DiskEvidence> = { ...ev.disks };
+    let evDisks: Record<string, DiskEvidence> | undefined;
+    const set = (disk: string, de: DiskEvidence): void => {
+      evDisks ??= { ...ev.disks };
+      evDisks[disk] = de;
+    };
+    if (out[def.name] === undefined) changed = true;
     for (const d of def.disks) {
       if (d.checkpoint !== "bitmap" || d.bitmap === undefined) continue;
       // a disk gone from the domain is reported by validity as it is; it may come back with its image
       const disk = byDisk.get(d.name);
       if (disk === undefined) continue;
-      let de = evDisks[d.name];
+      let de = ev.disks[d.name];
       if (de !== undefined && de.bitmap !== d.bitmap) de = undefined;
       const base: DiskEvidence = de ?? { bitmap: d.bitmap };
       const taint = (reason: string): BitmapTaint => {
         found.push({ checkpoint: def.name, disk: d.name, reason });
         return { reason, at: now };
       };
-      const b = disk.bitmaps.find((x) => x.name === d.bitmap);
+      const b = disk.bitmaps.get(d.bitmap);
       if (b === undefined) {
-        evDisks[d.name] =
-          base.taint !== undefined
-            ? base
-            : {
-                ...base,
-                taint: taint(
-                  `it was missing at ${iso(now)}: removed behind qbackupd's back (a bitmap of that name added later records only from then on)`,
-                ),
-              };
+        if (base.taint === undefined)
+          set(d.name, {
+            ...base,
+            taint: taint(
+              `it was missing at ${iso(now)}: removed behind qbackupd's back (a bitmap of that name added later records only from then on)`,
+            ),
+          });
         continue;
       }
       const prev = base.seen;
@@ -176,24 +182,26 @@ export function evidenceObserve(
         prev.persistent === b.persistent &&
         prev.recording === b.recording &&
         prev.count === b.count;
-      const seen: BitmapSighting = same
-        ? prev
-        : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, at: now };
+      if (same && de !== undefined && base.firstSeenGen !== undefined && reason === undefined) continue;
       let firstSeenGen = base.firstSeenGen;
       if (firstSeenGen === undefined) {
         firstSeenGen = gen;
         sawNew = true;
       }
-      evDisks[d.name] = {
+      set(d.name, {
         ...base,
-        seen,
+        seen: same ? prev : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, at: now },
         firstSeenGen,
         ...(reason !== undefined ? { taint: taint(reason) } : {}),
-      };
+      });
     }
-    out[def.name] = { ...ev, disks: evDisks };
+    if (evDisks !== undefined) {
+      out[def.name] = { ...ev, disks: evDisks };
+      changed = true;
+    } else out[def.name] = ev;
   }
-  crossCheck(out, defs, byDisk, now, found, skip);
+  if (crossCheck(out, defs, byDisk, now, found, skip)) changed = true;
+  if (!changed) return { book, found };
   return { book: { version: 1, gen: sawNew ? gen : book.gen, checkpoints: out }, found };
 }
 
@@ -207,57 +215,73 @@ export function evidenceObserve(
  * then refused wrongly; docs/checkpoints.md says so.) Both counts come from
  * one query: QEMU reads every bitmap of a node under the lock a write holds
  * while it sets its bits in all of them (block/dirty-bitmap.c), so the
- * counts are one consistent snapshot.
+ * counts are one consistent snapshot. A is never its own witness: its
+ * first sighting comes after its own preparation (firstSeenGen >
+ * bornAfterGen). Returns whether anything was tainted.
  */
 function crossCheck(
   out: Record<string, CheckpointEvidence>,
   defs: CheckpointMap,
-  byDisk: ReadonlyMap<string, DiskInfo>,
+  byDisk: ReadonlyMap<string, { bitmaps: ReadonlyMap<string, DirtyBitmap> }>,
   now: number,
   found: { checkpoint: string; disk: string; reason: string }[],
   skip: ReadonlySet<string>,
-): void {
+): boolean {
   interface Entry {
     readonly name: string;
-    readonly disk: string;
     readonly b: DirtyBitmap;
     readonly firstSeenGen: number | undefined;
     readonly bornAfterGen: number | undefined;
   }
-  const perDisk = new Map<string, Entry[]>();
+  // disk → granularity → entries
+  const groups = new Map<string, Map<number, Entry[]>>();
   for (const def of defs.values()) {
     if (skip.has(def.name)) continue;
     const ev = out[def.name];
     if (ev === undefined) continue;
     for (const d of def.disks) {
       if (d.checkpoint !== "bitmap" || d.bitmap === undefined) continue;
-      const b = byDisk.get(d.name)?.bitmaps.find((x) => x.name === d.bitmap);
+      const b = byDisk.get(d.name)?.bitmaps.get(d.bitmap);
       const de = ev.disks[d.name];
       if (b === undefined || de === undefined || !b.recording || b.inconsistent) continue;
-      const list = perDisk.get(d.name) ?? [];
-      perDisk.set(d.name, list);
-      list.push({ name: def.name, disk: d.name, b, firstSeenGen: de.firstSeenGen, bornAfterGen: ev.bornAfterGen });
+      const perGran = groups.get(d.name) ?? new Map<number, Entry[]>();
+      groups.set(d.name, perGran);
+      const list = perGran.get(b.granularity) ?? [];
+      perGran.set(b.granularity, list);
+      list.push({ name: def.name, b, firstSeenGen: de.firstSeenGen, bornAfterGen: ev.bornAfterGen });
     }
   }
-  for (const [disk, list] of perDisk) {
-    for (const a of list) {
-      const ev = out[a.name]!;
-      const de = ev.disks[disk]!;
-      if (de.taint !== undefined || a.firstSeenGen === undefined) continue;
-      let witness: Entry | undefined;
-      for (const b of list) {
-        if (b === a || b.bornAfterGen === undefined || a.firstSeenGen > b.bornAfterGen) continue;
-        if (b.b.granularity !== a.b.granularity || b.b.count <= a.b.count) continue;
-        if (witness === undefined || b.b.count > witness.b.count) witness = b;
+  let tainted = false;
+  for (const [disk, perGran] of groups) {
+    for (const list of perGran.values()) {
+      // witnesses, latest-prepared first, each with the largest count among those prepared at or after it
+      const witnesses = list.filter((e) => e.bornAfterGen !== undefined).sort((x, y) => y.bornAfterGen! - x.bornAfterGen!);
+      const best: Entry[] = [];
+      for (const [i, w] of witnesses.entries()) best.push(i > 0 && best[i - 1]!.b.count >= w.b.count ? best[i - 1]! : w);
+      for (const a of list) {
+        const ev = out[a.name]!;
+        const de = ev.disks[disk]!;
+        if (de.taint !== undefined || a.firstSeenGen === undefined) continue;
+        // the last witness prepared at or after A's first sighting: binary search on the descending order
+        let lo = 0;
+        let hi = witnesses.length;
+        while (lo < hi) {
+          const mid = (lo + hi) >> 1;
+          if (witnesses[mid]!.bornAfterGen! >= a.firstSeenGen) lo = mid + 1;
+          else hi = mid;
+        }
+        const witness = lo > 0 ? best[lo - 1]! : undefined;
+        if (witness === undefined || witness === a || witness.b.count <= a.b.count) continue;
+        const reason =
+          `it has ${a.b.count} dirty bytes at ${iso(now)}, fewer than the ${witness.b.count} of checkpoint '${witness.name}', ` +
+          `created after it on the same disk: it missed guest writes (disabled, cleared or removed and re-added behind qbackupd's back)`;
+        found.push({ checkpoint: a.name, disk, reason });
+        out[a.name] = { ...ev, disks: { ...ev.disks, [disk]: { ...de, taint: { reason, at: now } } } };
+        tainted = true;
       }
-      if (witness === undefined) continue;
-      const reason =
-        `it has ${a.b.count} dirty bytes at ${iso(now)}, fewer than the ${witness.b.count} of checkpoint '${witness.name}', ` +
-        `created after it on the same disk: it missed guest writes (disabled, cleared or removed and re-added behind qbackupd's back)`;
-      found.push({ checkpoint: a.name, disk, reason });
-      out[a.name] = { ...ev, disks: { ...ev.disks, [disk]: { ...de, taint: { reason, at: now } } } };
     }
   }
+  return tainted;
 }
 
 /** Taints of one checkpoint, disk → reason. */
@@ -284,6 +308,7 @@ export function evidenceDefined(book: EvidenceBook, name: string): EvidenceBook 
 }
 
 export function evidenceDrop(book: EvidenceBook, names: readonly string[]): EvidenceBook {
+  if (!names.some((n) => book.checkpoints[n] !== undefined)) return book;
   const checkpoints = { ...book.checkpoints };
   for (const n of names) delete checkpoints[n];
   return { ...book, checkpoints };

@@ -140,7 +140,7 @@ export class CheckpointManager {
       }
       const before = this.book;
       const after = change(before);
-      if (after === before || JSON.stringify(after) === JSON.stringify(before)) return before;
+      if (after === before) return before;
       this.book = after;
       const saved = await evidenceSave(this.store.dir, after);
       if (saved.isErr()) {
