@@ -210,7 +210,11 @@ export class CheckpointManager {
       return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
     return this.look(client).andThen(({ disks, book }) => {
       // this look is the freshest view: listings show what it found (taints of other checkpoints too)
-      for (const c of this.store.all.values()) this.setProblems(c.name, checkpointProblems(c, disks, inUse, book));
+      if (this.assessment !== undefined) {
+        const problems = new Map<string, readonly string[]>();
+        for (const c of this.store.all.values()) problems.set(c.name, checkpointProblems(c, disks, inUse, book));
+        this.assessment = { ...this.assessment, problems };
+      }
       const problems = checkpointProblems(def, disks, inUse, book);
       if (problems.length === 0) return okAsync(def);
       return errAsync<never, CheckpointError>({
