@@ -16,7 +16,7 @@ import { QmpClient } from "../src/qmp/index.js";
 import { handBackups } from "./helpers/backup.js";
 import { startDaemon } from "./helpers/daemon.js";
 import { jobManager, leftovers, settledBackup, testDomain } from "./helpers/domain.js";
-import { type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./helpers/qemu.js";
+import { createImage, type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -317,4 +317,28 @@ t.test("an unreadable evidence file is logged and rebuilt from what QEMU shows; 
   t.same((await restarted.mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), []);
   t.ok((await restarted.mgr.requireValid(client, "c1")).isOk());
   t.match(JSON.parse(readFileSync(file, "utf8")), { version: 1, checkpoints: { c1: { disks: { vda: { seen: { count: MiB } } } } } });
+});
+
+t.test("an external snapshot and its active commit: missing while the overlay is on top, valid again after the commit", async (t) => {
+  const { vm, client, mgr } = await setup(t);
+  const vda = vm.disks[0]!;
+  (await mgr.create(client, cp("c1")))._unsafeUnwrap();
+  await vm.write(0, 0x11, 0, MiB);
+  t.ok((await mgr.requireValid(client, "c1")).isOk());
+  const overlay = join(vm.dir, "overlay.qcow2");
+  await createImage(overlay, "64M", "qcow2", ["-u", "-b", vda.path, "-F", "qcow2"]);
+  await tamper(vm, "blockdev-add", { "node-name": "ovl", driver: "qcow2", file: { driver: "file", filename: overlay }, backing: null });
+  await tamper(vm, "blockdev-snapshot", { node: vda.node, overlay: "ovl" });
+  await vm.write(0, 0x12, 8 * MiB, 2 * MiB);
+  t.match((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [/bitmap 'c1' on disk 'vda' is missing/], "overlay on top");
+  await tamper(vm, "block-commit", { "job-id": "cm", device: "ovl", "base-node": vda.node });
+  for (let i = 0; i < 400; i++) {
+    const j = (await vm.monitor.execute("query-jobs"))._unsafeUnwrap().find((x) => x.id === "cm");
+    if (j === undefined) break; // completed and dismissed
+    if (j.status === "ready") await tamper(vm, "job-complete", { id: "cm" });
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  t.same((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [], "the base and its bitmaps are back");
+  t.equal(await count(vm, "c1"), 3 * MiB, "and c1 holds the committed writes");
+  t.ok((await mgr.requireValid(client, "c1")).isOk(), "incrementals from c1 go on");
 });

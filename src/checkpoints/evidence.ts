@@ -9,8 +9,8 @@
  * bitmaps QEMU reports to `evidenceObserve`, which compares them with what
  * was seen before and marks a checkpoint's disk **tainted**, for good, when:
  *
- * - the bitmap is missing (a bitmap of that name added later records only
- *   from then on);
+ * - the bitmap is missing from the node it was seen on (a bitmap of that
+ *   name added later records only from then on);
  * - it is inconsistent, or not persistent (ours are always created
  *   persistent, and no QMP command changes that: it was recreated);
  * - its granularity changed (recreated);
@@ -61,6 +61,8 @@ export interface BitmapSighting {
   readonly recording: boolean;
   /** Dirty bytes. */
   readonly count: number;
+  /** The node the disk's bitmaps were on (its format node); absent in files from before it was recorded. */
+  readonly node?: string;
   /** Unix seconds of the first check that saw these values (unchanged checks do not rewrite the file). */
   readonly at: number;
 }
@@ -165,7 +167,11 @@ export function evidenceObserve(
       };
       const b = disk.bitmaps.get(d.bitmap);
       if (b === undefined) {
-        if (base.taint === undefined)
+        // On another node than where it was seen, the disk's graph changed (an external snapshot puts an
+        // overlay without bitmaps on top; a commit brings the base and its bitmaps back, which then also
+        // hold every committed write): validity reports it missing for now, but that is no proof of tampering.
+        const sameNode = base.seen?.node === undefined || base.seen.node === disk.disk.nodeName;
+        if (base.taint === undefined && sameNode)
           set(d.name, {
             ...base,
             taint: taint(
@@ -176,12 +182,14 @@ export function evidenceObserve(
       }
       const prev = base.seen;
       const reason = base.taint === undefined ? sightingTaint(b, prev, now) : undefined;
+      const node = disk.disk.nodeName;
       const same =
         prev !== undefined &&
         prev.granularity === b.granularity &&
         prev.persistent === b.persistent &&
         prev.recording === b.recording &&
-        prev.count === b.count;
+        prev.count === b.count &&
+        prev.node === node;
       if (same && de !== undefined && base.firstSeenGen !== undefined && reason === undefined) continue;
       let firstSeenGen = base.firstSeenGen;
       if (firstSeenGen === undefined) {
@@ -190,7 +198,7 @@ export function evidenceObserve(
       }
       set(d.name, {
         ...base,
-        seen: same ? prev : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, at: now },
+        seen: same ? prev : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, node, at: now },
         firstSeenGen,
         ...(reason !== undefined ? { taint: taint(reason) } : {}),
       });
