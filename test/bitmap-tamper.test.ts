@@ -342,3 +342,33 @@ t.test("an external snapshot and its active commit: missing while the overlay is
   t.equal(await count(vm, "c1"), 3 * MiB, "and c1 holds the committed writes");
   t.ok((await mgr.requireValid(client, "c1")).isOk(), "incrementals from c1 go on");
 });
+
+t.test(
+  "a live migration: no bitmaps on the incoming QEMU until it takes over, none on the source after; not recorded, valid after",
+  async (t) => {
+    const { vm, client, mgr } = await setup(t);
+    (await mgr.create(client, cp("c1")))._unsafeUnwrap();
+    await vm.write(0, 0x11, 0, MiB);
+    t.ok((await mgr.requireValid(client, "c1")).isOk());
+    // the same images (shared storage), a second QEMU waiting for the migration
+    const target = await startVm(t, { images: vm.disks.map((d) => d.path), extraArgs: ["-incoming", "defer"] });
+    const c2 = (await QmpClient.connect({ path: target.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
+    t.teardown(() => c2.close());
+    t.match((await mgr.reconcile(c2))._unsafeUnwrap().problems.get("c1"), [/is missing/], "the incoming QEMU has not loaded them yet");
+    const uri = `unix:${join(target.dir, "migration.sock")}`;
+    await tamper(target, "migrate-incoming", { uri });
+    await tamper(vm, "migrate", { uri });
+    for (let i = 0; i < 400; i++) {
+      const s = (await c2.execute("query-status"))._unsafeUnwrap().status;
+      if (s !== "inmigrate") break;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    t.match((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [/is missing/], "the source handed them over");
+    // QEMU 10 keeps the target's images inactive (bitmaps not loaded) until the guest runs; 7.2 activates them at once
+    t.ok((await mgr.reconcile(c2)).isOk(), "a check on the migrated, still paused target");
+    await tamper(target, "cont", {});
+    t.same((await mgr.reconcile(c2))._unsafeUnwrap().problems.get("c1"), [], "the running target has them, with their count");
+    t.equal(await count(target, "c1"), MiB);
+    t.ok((await mgr.requireValid(c2, "c1")).isOk(), "incrementals from c1 go on, on the target");
+  },
+);

@@ -125,6 +125,8 @@ function sightingTaint(b: DirtyBitmap, prev: BitmapSighting | undefined, now: nu
  * (the same object when nothing changed, so the caller writes only changes).
  * `skip` names checkpoints whose evidence changed while QEMU was being
  * queried (created or deleted meanwhile): this view of them is stale.
+ * `inactive` names nodes QEMU holds inactive (incoming migration): their
+ * bitmaps are not loaded, so nothing is learnt about them.
  */
 export function evidenceObserve(
   book: EvidenceBook,
@@ -132,8 +134,11 @@ export function evidenceObserve(
   disks: readonly DiskInfo[],
   now: number,
   skip: ReadonlySet<string> = new Set(),
+  inactive: ReadonlySet<string> = new Set(),
 ): Observation {
-  const byDisk = new Map(disks.map((d) => [d.name, { disk: d, bitmaps: new Map(d.bitmaps.map((b) => [b.name, b])) }]));
+  const byDisk = new Map(
+    disks.filter((d) => !inactive.has(d.nodeName)).map((d) => [d.name, { disk: d, bitmaps: new Map(d.bitmaps.map((b) => [b.name, b])) }]),
+  );
   const gen = book.gen + 1;
   let sawNew = false;
   let changed = false;

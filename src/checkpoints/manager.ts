@@ -33,7 +33,7 @@ import type { TransactionAction } from "../qmp/qapi.js";
 import { type CheckpointError, fromAgent, fromQmp } from "./errors.js";
 import { type EvidenceBook, evidenceBorn, evidenceDefined, evidenceDrop, evidenceLoad, evidenceObserve, evidenceSave } from "./evidence.js";
 import type { CheckpointStore } from "./store.js";
-import { descendants, topological } from "./tree.js";
+import { type CheckpointMap, descendants, topological } from "./tree.js";
 import { type Assessment, assessCheckpoints, checkpointProblems, evidenceProblems } from "./validity.js";
 
 export interface CheckpointManagerOptions {
@@ -61,6 +61,43 @@ export interface PreparedCheckpoint {
   readonly def: CheckpointDefFull;
   /** block-dirty-bitmap-add actions to put in the caller's transaction. */
   readonly actions: TransactionAction[];
+}
+
+/** Run states in which QEMU's bitmaps are not the guest's (incoming migration, handed over, loading or saving a VM state). */
+const MIGRATION_STATES = new Set(["inmigrate", "finish-migrate", "postmigrate", "restore-vm", "save-vm"]);
+
+/** The run state when it is one of MIGRATION_STATES; undefined otherwise, or when QEMU has no run state (qemu-storage-daemon). */
+function migrationState(client: QmpClient): ResultAsync<string | undefined, CheckpointError> {
+  return client
+    .execute("query-status")
+    .map((s) => (MIGRATION_STATES.has(s.status) ? s.status : undefined))
+    .orElse(() => okAsync(undefined));
+}
+
+/**
+ * Nodes QEMU holds inactive (an incoming migration's images before the guest
+ * runs there; QEMU 10 keeps them so until `cont`, and shows `active: false`):
+ * their bitmaps are not loaded yet. Asked only when a claimed bitmap looks
+ * missing or not recording, the only cases where it matters; if QEMU cannot
+ * say, every node counts as inactive for this check.
+ */
+function inactiveNodes(client: QmpClient, disks: readonly DiskInfo[], defs: CheckpointMap): ResultAsync<Set<string>, CheckpointError> {
+  const byName = new Map(disks.map((d) => [d.name, d]));
+  let suspicious = false;
+  for (const def of defs.values()) {
+    for (const d of def.disks) {
+      const disk = byName.get(d.name);
+      if (d.checkpoint !== "bitmap" || disk === undefined) continue;
+      const b = disk.bitmaps.find((x) => x.name === d.bitmap);
+      if (b === undefined || !b.recording) suspicious = true;
+    }
+    if (suspicious) break;
+  }
+  if (!suspicious) return okAsync(new Set());
+  return client
+    .execute("query-named-block-nodes", { flat: true })
+    .map((nodes) => new Set(nodes.filter((n) => (n as { active?: boolean }).active === false).map((n) => n["node-name"] ?? "")))
+    .orElse(() => okAsync(new Set(disks.map((d) => d.nodeName))));
 }
 
 export function diskSummaries(disks: readonly DiskInfo[]): DomainDiskSummary[] {
@@ -155,23 +192,42 @@ export class CheckpointManager {
   }
 
   /** Record one QEMU view as evidence; `tokens` is a copy of this.tokens taken before QEMU was asked. */
-  private recordView(disks: readonly DiskInfo[], tokens: ReadonlyMap<string, number>): ResultAsync<EvidenceBook, CheckpointError> {
+  private recordView(
+    disks: readonly DiskInfo[],
+    tokens: ReadonlyMap<string, number>,
+    inactive: ReadonlySet<string> = new Set(),
+  ): ResultAsync<EvidenceBook, CheckpointError> {
     return this.updateEvidence((book) => {
       const skip = new Set<string>();
       for (const [n, v] of this.tokens) if (tokens.get(n) !== v) skip.add(n);
-      const obs = evidenceObserve(book, this.store.all, disks, this.now(), skip);
+      const obs = evidenceObserve(book, this.store.all, disks, this.now(), skip, inactive);
       for (const f of obs.found)
         this.log.error({ checkpoint: f.checkpoint, disk: f.disk, reason: f.reason }, "checkpoint bitmap changed behind our back: invalid");
       return obs.book;
     });
   }
 
-  /** Ask QEMU for its bitmaps and record what it shows. */
+  /**
+   * Ask QEMU for its bitmaps and record what it shows — except while it is
+   * migrating or loading a VM state: an incoming QEMU shows no bitmaps until
+   * it takes over, and an outgoing one drops them when it hands over, which
+   * says nothing about tampering. Asked before and after the bitmaps, so a
+   * migration that starts or ends in between is noticed.
+   */
   private look(client: QmpClient): ResultAsync<{ disks: DiskInfo[]; book: EvidenceBook }, CheckpointError> {
     const tokens = new Map(this.tokens);
-    return discoverDisks(client)
-      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
-      .andThen((disks) => this.recordView(disks, tokens).map((book) => ({ disks, book })));
+    return migrationState(client).andThen((before) =>
+      discoverDisks(client)
+        .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
+        .andThen((disks) =>
+          ResultAsync.combine([migrationState(client), inactiveNodes(client, disks, this.store.all)]).andThen(([after, inactive]) => {
+            const state = before ?? after;
+            if (state === undefined) return this.recordView(disks, tokens, inactive).map((book) => ({ disks, book }));
+            this.log.info({ state }, "QEMU is migrating or loading a VM state: its bitmaps are not recorded as evidence");
+            return this.evidence().map((book) => ({ disks, book }));
+          }),
+        ),
+    );
   }
 
   /**
