@@ -237,11 +237,17 @@ export class CheckpointManager {
   reconcile(client: QmpClient, inUse: ReadonlySet<string> = new Set()): ResultAsync<Assessment, CheckpointError> {
     return this.look(client).map(({ disks, book }) => {
       const a = assessCheckpoints(this.store.all, disks, inUse, book);
+      // every listing reconciles: log what is new since the last view, not the same again each time
+      const before = this.assessment;
       for (const [name, problems] of a.problems) {
-        if (problems.length > 0) this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
+        const was = before?.problems.get(name);
+        if (problems.length > 0 && (was === undefined || was.join("\n") !== problems.join("\n")))
+          this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
       }
+      const seen = new Set(before?.unclaimed.map((u) => `${u.disk}/${u.bitmap}`));
       for (const u of a.unclaimed)
-        this.log.info({ disk: u.disk, bitmap: u.bitmap, persistent: u.persistent }, "bitmap not claimed by any checkpoint");
+        if (!seen.has(`${u.disk}/${u.bitmap}`))
+          this.log.info({ disk: u.disk, bitmap: u.bitmap, persistent: u.persistent }, "bitmap not claimed by any checkpoint");
       this.assessment = a;
       return a;
     });
