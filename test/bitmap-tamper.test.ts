@@ -372,3 +372,26 @@ t.test(
     t.ok((await mgr.requireValid(c2, "c1")).isOk(), "incrementals from c1 go on, on the target");
   },
 );
+
+t.test("c1 disabled, written, re-enabled while its count stays above c2's: the bits, not the counts, give it away", async (t) => {
+  const { vm, client, mgr, store } = await setup(t);
+  const node = vm.disks[0]!.node;
+  (await mgr.create(client, cp("c1")))._unsafeUnwrap();
+  await vm.write(0, 0x11, 0, 4 * MiB);
+  (await mgr.create(client, cp("c2")))._unsafeUnwrap();
+  await vm.write(0, 0x12, 8 * MiB, MiB);
+  await tamper(vm, "block-dirty-bitmap-disable", { node, name: "c1" });
+  await vm.write(0, 0x13, 16 * MiB, MiB);
+  await tamper(vm, "block-dirty-bitmap-enable", { node, name: "c1" });
+  t.same([await count(vm, "c1"), await count(vm, "c2")], [5 * MiB, 2 * MiB], "c1's count is still the larger");
+  t.same((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [], "a listing (counts only) cannot tell");
+  t.match((await mgr.requireValid(client, "c1"))._unsafeUnwrapErr(), {
+    code: "checkpoint-invalid",
+    message: /bitmap 'c1' on disk 'vda' cannot be trusted: it lacks 1048576 dirty bytes .* \('c2'\) hold: it missed guest writes/,
+  });
+  t.match(mgr.problemsOf("c1"), [/it lacks 1048576 dirty bytes/], "and listings show it from now on");
+  t.ok((await mgr.requireValid(client, "c2")).isOk(), "c2 is fine");
+  const names = (await vm.monitor.execute("query-block"))._unsafeUnwrap()[0]!.inserted!["dirty-bitmaps"]!.map((b) => b.name);
+  t.same(names.sort(), ["c1", "c2"], "the check's temporary bitmaps are gone");
+  void store;
+});

@@ -24,6 +24,9 @@
  *   one is a subset of it; a newer count above the older one means the
  *   older missed writes.
  *
+ * Before an incremental, verify.ts compares the bits themselves with the
+ * newer checkpoints' (evidenceTaintLacking records what it finds).
+ *
  * What this cannot see (docs/checkpoints.md has the list): any change that
  * happens and is undone between two checks and leaves the counts in order —
  * a remove and re-add, or a clear, followed by enough writes to push the
@@ -295,6 +298,25 @@ function crossCheck(
     }
   }
   return tainted;
+}
+
+/** The exact check (verify.ts) found a checkpoint's bitmap lacking bits that newer ones hold: taint that disk. */
+export function evidenceTaintLacking(
+  book: EvidenceBook,
+  name: string,
+  f: { disk: string; bitmap: string; lacking: number; newer: readonly string[] },
+  now: number,
+): EvidenceBook {
+  const ev = book.checkpoints[name];
+  const de = ev?.disks[f.disk];
+  if (ev === undefined || de === undefined || de.taint !== undefined) return book;
+  const reason =
+    `it lacks ${f.lacking} dirty bytes at ${iso(now)} that the bitmaps of checkpoints created after it on the same disk ` +
+    `(${f.newer.map((n) => `'${n}'`).join(", ")}) hold: it missed guest writes (disabled, cleared or removed and re-added behind qbackupd's back)`;
+  return {
+    ...book,
+    checkpoints: { ...book.checkpoints, [name]: { ...ev, disks: { ...ev.disks, [f.disk]: { ...de, taint: { reason, at: now } } } } },
+  };
 }
 
 /** Taints of one checkpoint, disk → reason. */

@@ -29,12 +29,23 @@ import {
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
+import { qmpErrorMessage } from "../qmp/errors.js";
 import type { TransactionAction } from "../qmp/qapi.js";
 import { type CheckpointError, fromAgent, fromQmp } from "./errors.js";
-import { type EvidenceBook, evidenceBorn, evidenceDefined, evidenceDrop, evidenceLoad, evidenceObserve, evidenceSave } from "./evidence.js";
+import {
+  type EvidenceBook,
+  evidenceBorn,
+  evidenceDefined,
+  evidenceDrop,
+  evidenceLoad,
+  evidenceObserve,
+  evidenceSave,
+  evidenceTaintLacking,
+} from "./evidence.js";
 import type { CheckpointStore } from "./store.js";
 import { type CheckpointMap, descendants, topological } from "./tree.js";
 import { type Assessment, assessCheckpoints, checkpointProblems, evidenceProblems } from "./validity.js";
+import { verifySubsets } from "./verify.js";
 
 export interface CheckpointManagerOptions {
   readonly logger: Logger;
@@ -277,13 +288,36 @@ export class CheckpointManager {
         for (const c of this.store.all.values()) problems.set(c.name, checkpointProblems(c, disks, inUse, book));
         this.assessment = { ...this.assessment, problems };
       }
+      const refuse = (problems: string[]) =>
+        errAsync<never, CheckpointError>({
+          code: "checkpoint-invalid",
+          message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
+          problems,
+        });
       const problems = checkpointProblems(def, disks, inUse, book);
-      if (problems.length === 0) return okAsync(def);
-      return errAsync<never, CheckpointError>({
-        code: "checkpoint-invalid",
-        message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
-        problems,
-      });
+      if (problems.length > 0) return refuse(problems);
+      // the counts say nothing against it: compare the bits with those of newer checkpoints
+      return verifySubsets(client, def, this.store.all, disks, book)
+        .orElse((e) => {
+          this.log.warn({ checkpoint: name, error: qmpErrorMessage(e) }, "cannot compare the checkpoint's bitmaps with newer ones");
+          return okAsync([]);
+        })
+        .andThen((findings) => {
+          if (findings.length === 0) return okAsync(def);
+          for (const f of findings)
+            this.log.error(
+              { checkpoint: name, disk: f.disk, lacking: f.lacking, newer: f.newer },
+              "checkpoint bitmap missed guest writes: invalid",
+            );
+          const now = this.now();
+          return this.updateEvidence((b) => findings.reduce((acc, f) => evidenceTaintLacking(acc, name, f, now), b))
+            .orElse(() => okAsync(undefined)) // kept in memory all the same
+            .andThen(() => {
+              const p = checkpointProblems(def, disks, inUse, this.book);
+              this.setProblems(name, p);
+              return refuse(p);
+            });
+        });
     });
   }
 

@@ -14,6 +14,7 @@ import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import type { DiskInfo } from "../qmp/disks.js";
 import { type EvidenceBook, emptyBook, evidenceTaints } from "./evidence.js";
 import type { CheckpointMap } from "./tree.js";
+import { VERIFY_PREFIX } from "./verify.js";
 
 export interface UnclaimedBitmap {
   readonly disk: string;
@@ -82,6 +83,8 @@ export function assessCheckpoints(
   for (const disk of disks) {
     for (const b of disk.bitmaps) {
       const key = `${disk.name}/${b.name}`;
+      // the exact check's temporaries, there for the moment of a check
+      if (b.name.startsWith(VERIFY_PREFIX)) continue;
       if (!claimed.has(key) && !inUse.has(key)) unclaimed.push({ disk: disk.name, bitmap: b.name, persistent: b.persistent });
     }
   }
