@@ -85,26 +85,27 @@ function migrationState(client: QmpClient): ResultAsync<string | undefined, Chec
     .orElse(() => okAsync(undefined));
 }
 
-/**
- * Nodes QEMU holds inactive (an incoming migration's images before the guest
- * runs there; QEMU 10 keeps them so until `cont`, and shows `active: false`):
- * their bitmaps are not loaded yet. Asked only when a claimed bitmap looks
- * missing or not recording, the only cases where it matters; if QEMU cannot
- * say, every node counts as inactive for this check.
- */
-function inactiveNodes(client: QmpClient, disks: readonly DiskInfo[], defs: CheckpointMap): ResultAsync<Set<string>, CheckpointError> {
+/** A claimed bitmap looks missing or not recording: the only cases where an inactive node matters. */
+function looksSuspicious(disks: readonly DiskInfo[], defs: CheckpointMap): boolean {
   const byName = new Map(disks.map((d) => [d.name, d]));
-  let suspicious = false;
   for (const def of defs.values()) {
     for (const d of def.disks) {
       const disk = byName.get(d.name);
       if (d.checkpoint !== "bitmap" || disk === undefined) continue;
       const b = disk.bitmaps.find((x) => x.name === d.bitmap);
-      if (b === undefined || !b.recording) suspicious = true;
+      if (b === undefined || !b.recording) return true;
     }
-    if (suspicious) break;
   }
-  if (!suspicious) return okAsync(new Set());
+  return false;
+}
+
+/**
+ * Nodes QEMU holds inactive (an incoming migration's images before the guest
+ * runs there; QEMU 10 keeps them so until `cont`, and shows `active: false`):
+ * their bitmaps are not loaded yet. If QEMU cannot say, every node counts as
+ * inactive for this check.
+ */
+function inactiveNodes(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<Set<string>, CheckpointError> {
   return client
     .execute("query-named-block-nodes", { flat: true })
     .map((nodes) => new Set(nodes.filter((n) => (n as { active?: boolean }).active === false).map((n) => n["node-name"] ?? "")))
@@ -227,11 +228,19 @@ export class CheckpointManager {
    */
   private look(client: QmpClient): ResultAsync<{ disks: DiskInfo[]; book: EvidenceBook }, CheckpointError> {
     const tokens = new Map(this.tokens);
+    const disksNow = () => discoverDisks(client).mapErr((e) => fromQmp("cannot list disks and bitmaps", e));
     return migrationState(client).andThen((before) =>
-      discoverDisks(client)
-        .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
-        .andThen((disks) =>
-          ResultAsync.combine([migrationState(client), inactiveNodes(client, disks, this.store.all)]).andThen(([after, inactive]) => {
+      disksNow()
+        .andThen((first) =>
+          // A bitmap that looks missing may sit on a node not yet active. Nodes active now stay so (only a
+          // migration, seen by the run state, makes them inactive), but may have been inactive at the first
+          // look: look again, and learn nothing about the nodes still inactive.
+          looksSuspicious(first, this.store.all)
+            ? inactiveNodes(client, first).andThen((inactive) => disksNow().map((disks) => ({ disks, inactive })))
+            : okAsync({ disks: first, inactive: new Set<string>() }),
+        )
+        .andThen(({ disks, inactive }) =>
+          migrationState(client).andThen((after) => {
             const state = before ?? after;
             if (state === undefined) return this.recordView(disks, tokens, inactive).map((book) => ({ disks, book }));
             this.log.info({ state }, "QEMU is migrating or loading a VM state: its bitmaps are not recorded as evidence");
