@@ -58,6 +58,16 @@ function bool(body: unknown, key: string): boolean {
   return typeof body === "object" && body !== null && (body as Record<string, unknown>)[key] === true;
 }
 
+/**
+ * A listing is a validity check: compare the checkpoints with QEMU's bitmaps
+ * now (which also records them as evidence). Not connected, or QEMU not
+ * answering: the listing shows the last view.
+ */
+async function checkpointsCheck(d: Domain): Promise<void> {
+  const client = d.client();
+  if (client !== undefined) await d.checkpoints.reconcile(client);
+}
+
 export function checkpointJson(d: Domain, c: CheckpointDefFull) {
   const problems = d.checkpoints.problemsOf(c.name);
   return {
@@ -248,6 +258,7 @@ export function buildApi(deps: ApiDeps) {
   app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints", async (req, reply) => {
     const d = need(reply, req.params.name);
     if (d === undefined) return reply;
+    await checkpointsCheck(d);
     const all = d.checkpoints.store.all;
     const q = req.query;
     if (flag(q, "tree")) return reply.type("text/plain").send(renderTree(all));
@@ -265,6 +276,7 @@ export function buildApi(deps: ApiDeps) {
   app.get<{ Params: Params }>("/v1/domains/:name/checkpoints/:cp", async (req, reply) => {
     const d = need(reply, req.params.name);
     if (d === undefined) return reply;
+    await checkpointsCheck(d);
     const c = d.checkpoints.store.get(req.params.cp);
     if (c === undefined)
       return sendError(reply, { code: "not-found", message: `checkpoint '${req.params.cp}' does not exist in domain '${d.name}'` });

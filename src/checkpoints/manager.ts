@@ -9,8 +9,14 @@
  * checkpoint's bitmap depends on it, so every incremental from every
  * remaining checkpoint stays exact. The cost is one bit set per active bitmap
  * per guest write; docs/checkpoints.md has the reasoning.
+ *
+ * Every look at QEMU's bitmaps (create, reconcile, requireValid, redefine)
+ * is also recorded as evidence (evidence.ts), so that a bitmap removed and
+ * re-added, cleared or disabled behind our back stays invalid after it
+ * looks healthy again. Evidence updates run one at a time, in order; none
+ * is ever cleared except by deleting its checkpoint.
  */
-import { errAsync, okAsync, type ResultAsync } from "neverthrow";
+import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import { withFrozenGuest } from "../agent/quiesce.js";
 import {
   type CheckpointDef,
@@ -23,11 +29,23 @@ import {
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { type DiskInfo, discoverDisks } from "../qmp/disks.js";
+import { qmpErrorMessage } from "../qmp/errors.js";
 import type { TransactionAction } from "../qmp/qapi.js";
 import { type CheckpointError, fromAgent, fromQmp } from "./errors.js";
+import {
+  type EvidenceBook,
+  evidenceBorn,
+  evidenceDefined,
+  evidenceDrop,
+  evidenceLoad,
+  evidenceObserve,
+  evidenceSave,
+  evidenceTaintLacking,
+} from "./evidence.js";
 import type { CheckpointStore } from "./store.js";
-import { descendants, topological } from "./tree.js";
-import { type Assessment, assessCheckpoints, checkpointProblems } from "./validity.js";
+import { type CheckpointMap, descendants, topological } from "./tree.js";
+import { type Assessment, assessCheckpoints, checkpointProblems, evidenceProblems } from "./validity.js";
+import { verifySubsets } from "./verify.js";
 
 export interface CheckpointManagerOptions {
   readonly logger: Logger;
@@ -56,6 +74,44 @@ export interface PreparedCheckpoint {
   readonly actions: TransactionAction[];
 }
 
+/** Run states in which QEMU's bitmaps are not the guest's (incoming migration, handed over, loading or saving a VM state). */
+const MIGRATION_STATES = new Set(["inmigrate", "finish-migrate", "postmigrate", "restore-vm", "save-vm"]);
+
+/** The run state when it is one of MIGRATION_STATES; undefined otherwise, or when QEMU has no run state (qemu-storage-daemon). */
+function migrationState(client: QmpClient): ResultAsync<string | undefined, CheckpointError> {
+  return client
+    .execute("query-status")
+    .map((s) => (MIGRATION_STATES.has(s.status) ? s.status : undefined))
+    .orElse(() => okAsync(undefined));
+}
+
+/** A claimed bitmap looks missing or not recording: the only cases where an inactive node matters. */
+function looksSuspicious(disks: readonly DiskInfo[], defs: CheckpointMap): boolean {
+  const byName = new Map(disks.map((d) => [d.name, d]));
+  for (const def of defs.values()) {
+    for (const d of def.disks) {
+      const disk = byName.get(d.name);
+      if (d.checkpoint !== "bitmap" || disk === undefined) continue;
+      const b = disk.bitmaps.find((x) => x.name === d.bitmap);
+      if (b === undefined || !b.recording) return true;
+    }
+  }
+  return false;
+}
+
+/**
+ * Nodes QEMU holds inactive (an incoming migration's images before the guest
+ * runs there; QEMU 10 keeps them so until `cont`, and shows `active: false`):
+ * their bitmaps are not loaded yet. If QEMU cannot say, every node counts as
+ * inactive for this check.
+ */
+function inactiveNodes(client: QmpClient, disks: readonly DiskInfo[]): ResultAsync<Set<string>, CheckpointError> {
+  return client
+    .execute("query-named-block-nodes", { flat: true })
+    .map((nodes) => new Set(nodes.filter((n) => (n as { active?: boolean }).active === false).map((n) => n["node-name"] ?? "")))
+    .orElse(() => okAsync(new Set(disks.map((d) => d.nodeName))));
+}
+
 export function diskSummaries(disks: readonly DiskInfo[]): DomainDiskSummary[] {
   return disks.map((d) => ({ name: d.name, format: d.format, readOnly: d.readOnly }));
 }
@@ -64,6 +120,19 @@ export class CheckpointManager {
   private assessment: Assessment | undefined;
   private readonly log: Logger;
   private readonly now: () => number;
+  /** The evidence as last recorded; undefined until first loaded. */
+  private book: EvidenceBook | undefined;
+  /** Evidence updates, one after the other (load, change, durable write). */
+  private queue: Promise<unknown> = Promise.resolve();
+  /**
+   * Bumped for a name whenever its checkpoint is created, redefined or
+   * deleted: a QEMU view taken before the bump says nothing about the new
+   * state and is not recorded for that name.
+   */
+  private readonly tokens = new Map<string, number>();
+  private tokenClock = 0;
+  /** Evidence generation at prepare(), per checkpoint name, until commit. */
+  private readonly preparedAt = new Map<string, number>();
 
   constructor(
     readonly store: CheckpointStore,
@@ -86,9 +155,99 @@ export class CheckpointManager {
     this.assessment = { ...this.assessment, problems: m };
   }
 
-  /** Problems of a checkpoint as of the last reconcile (undefined: not reconciled yet). */
+  /** Problems of a checkpoint as of the last reconcile (undefined: not reconciled yet, and no evidence against it). */
   problemsOf(name: string): readonly string[] | undefined {
-    return this.assessment?.problems.get(name);
+    const p = this.assessment?.problems.get(name);
+    if (p !== undefined) return p;
+    const def = this.store.get(name);
+    if (def === undefined || this.book === undefined) return undefined;
+    const e = evidenceProblems(def, this.book);
+    return e.length > 0 ? e : undefined;
+  }
+
+  /** The evidence recorded so far (loaded on first use). */
+  evidence(): ResultAsync<EvidenceBook, CheckpointError> {
+    return this.updateEvidence((b) => b);
+  }
+
+  private bump(names: Iterable<string>): void {
+    for (const n of names) this.tokens.set(n, ++this.tokenClock);
+  }
+
+  /**
+   * Apply `change` to the evidence, in turn with every other change, and
+   * write it durably when it changed. The change is kept in memory even if
+   * the write fails (what was seen stays known until the daemon stops); the
+   * write's error is returned.
+   */
+  private updateEvidence(change: (b: EvidenceBook) => EvidenceBook): ResultAsync<EvidenceBook, CheckpointError> {
+    const run = async (): Promise<EvidenceBook> => {
+      if (this.book === undefined) {
+        const loaded = await evidenceLoad(this.store.dir, this.log);
+        if (loaded.isErr()) throw loaded.error;
+        this.book = loaded.value;
+      }
+      const before = this.book;
+      const after = change(before);
+      if (after === before) return before;
+      this.book = after;
+      const saved = await evidenceSave(this.store.dir, after);
+      if (saved.isErr()) {
+        this.log.error({ error: saved.error.message }, "cannot record bitmap evidence");
+        throw saved.error;
+      }
+      return after;
+    };
+    const p = this.queue.then(run, run);
+    this.queue = p.catch(() => undefined);
+    return ResultAsync.fromPromise(p, (e) => e as CheckpointError);
+  }
+
+  /** Record one QEMU view as evidence; `tokens` is a copy of this.tokens taken before QEMU was asked. */
+  private recordView(
+    disks: readonly DiskInfo[],
+    tokens: ReadonlyMap<string, number>,
+    inactive: ReadonlySet<string> = new Set(),
+  ): ResultAsync<EvidenceBook, CheckpointError> {
+    return this.updateEvidence((book) => {
+      const skip = new Set<string>();
+      for (const [n, v] of this.tokens) if (tokens.get(n) !== v) skip.add(n);
+      const obs = evidenceObserve(book, this.store.all, disks, this.now(), skip, inactive);
+      for (const f of obs.found)
+        this.log.error({ checkpoint: f.checkpoint, disk: f.disk, reason: f.reason }, "checkpoint bitmap changed behind our back: invalid");
+      return obs.book;
+    });
+  }
+
+  /**
+   * Ask QEMU for its bitmaps and record what it shows — except while it is
+   * migrating or loading a VM state: an incoming QEMU shows no bitmaps until
+   * it takes over, and an outgoing one drops them when it hands over, which
+   * says nothing about tampering. Asked before and after the bitmaps, so a
+   * migration that starts or ends in between is noticed.
+   */
+  private look(client: QmpClient): ResultAsync<{ disks: DiskInfo[]; book: EvidenceBook }, CheckpointError> {
+    const tokens = new Map(this.tokens);
+    const disksNow = () => discoverDisks(client).mapErr((e) => fromQmp("cannot list disks and bitmaps", e));
+    return migrationState(client).andThen((before) =>
+      disksNow()
+        .andThen((first) =>
+          // A bitmap that looks missing may sit on a node not yet active. Nodes active now stay so (only a
+          // migration, seen by the run state, makes them inactive), but may have been inactive at the first
+          // look: look again, and learn nothing about the nodes still inactive.
+          looksSuspicious(first, this.store.all)
+            ? inactiveNodes(client, first).andThen((inactive) => disksNow().map((disks) => ({ disks, inactive })))
+            : okAsync({ disks: first, inactive: new Set<string>() }),
+        )
+        .andThen(({ disks, inactive }) =>
+          migrationState(client).andThen((after) => {
+            const state = before ?? after;
+            if (state === undefined) return this.recordView(disks, tokens, inactive).map((book) => ({ disks, book }));
+            this.log.info({ state }, "QEMU is migrating or loading a VM state: its bitmaps are not recorded as evidence");
+            return this.evidence().map((book) => ({ disks, book }));
+          }),
+        ),
+    );
   }
 
   /**
@@ -96,18 +255,31 @@ export class CheckpointManager {
    * `inUse` lists "disk/bitmap" pairs a job of ours holds busy.
    */
   reconcile(client: QmpClient, inUse: ReadonlySet<string> = new Set()): ResultAsync<Assessment, CheckpointError> {
-    return discoverDisks(client)
-      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
-      .map((disks) => {
-        const a = assessCheckpoints(this.store.all, disks, inUse);
-        for (const [name, problems] of a.problems) {
-          if (problems.length > 0) this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
-        }
-        for (const u of a.unclaimed)
+    return this.look(client).map(({ disks, book }) => {
+      const a = assessCheckpoints(this.store.all, disks, inUse, book);
+      // every listing reconciles: log what is new since the last view, not the same again each time
+      const before = this.assessment;
+      for (const [name, problems] of a.problems) {
+        const was = before?.problems.get(name);
+        if (problems.length > 0 && (was === undefined || was.join("\n") !== problems.join("\n")))
+          this.log.warn({ checkpoint: name, problems }, "checkpoint is invalid");
+      }
+      const seen = new Set(before?.unclaimed.map((u) => `${u.disk}/${u.bitmap}`));
+      for (const u of a.unclaimed)
+        if (!seen.has(`${u.disk}/${u.bitmap}`))
           this.log.info({ disk: u.disk, bitmap: u.bitmap, persistent: u.persistent }, "bitmap not claimed by any checkpoint");
-        this.assessment = a;
-        return a;
-      });
+      this.assessment = a;
+      return a;
+    });
+  }
+
+  /**
+   * Record the bitmaps' state after a backup ended (completed, failed or
+   * cancelled): the job calls this once its own temporary bitmaps are gone,
+   * so the next check compares against the counts as they were then.
+   */
+  recordAfterBackup(client: QmpClient): ResultAsync<Assessment, CheckpointError> {
+    return this.reconcile(client);
   }
 
   /**
@@ -118,17 +290,44 @@ export class CheckpointManager {
     const def = this.store.get(name);
     if (def === undefined)
       return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
-    return discoverDisks(client)
-      .mapErr((e) => fromQmp("cannot list disks and bitmaps", e))
-      .andThen((disks) => {
-        const problems = checkpointProblems(def, disks, inUse);
-        if (problems.length === 0) return okAsync(def);
-        return errAsync<never, CheckpointError>({
+    return this.look(client).andThen(({ disks, book }) => {
+      // this look is the freshest view: listings show what it found (taints of other checkpoints too)
+      if (this.assessment !== undefined) {
+        const problems = new Map<string, readonly string[]>();
+        for (const c of this.store.all.values()) problems.set(c.name, checkpointProblems(c, disks, inUse, book));
+        this.assessment = { ...this.assessment, problems };
+      }
+      const refuse = (problems: string[]) =>
+        errAsync<never, CheckpointError>({
           code: "checkpoint-invalid",
           message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
           problems,
         });
-      });
+      const problems = checkpointProblems(def, disks, inUse, book);
+      if (problems.length > 0) return refuse(problems);
+      // the counts say nothing against it: compare the bits with those of newer checkpoints
+      return verifySubsets(client, def, this.store.all, disks, book)
+        .orElse((e) => {
+          this.log.warn({ checkpoint: name, error: qmpErrorMessage(e) }, "cannot compare the checkpoint's bitmaps with newer ones");
+          return okAsync([]);
+        })
+        .andThen((findings) => {
+          if (findings.length === 0) return okAsync(def);
+          for (const f of findings)
+            this.log.error(
+              { checkpoint: name, disk: f.disk, lacking: f.lacking, newer: f.newer },
+              "checkpoint bitmap missed guest writes: invalid",
+            );
+          const now = this.now();
+          return this.updateEvidence((b) => findings.reduce((acc, f) => evidenceTaintLacking(acc, name, f, now), b))
+            .orElse(() => okAsync(undefined)) // kept in memory all the same
+            .andThen(() => {
+              const p = checkpointProblems(def, disks, inUse, this.book);
+              this.setProblems(name, p);
+              return refuse(p);
+            });
+        });
+    });
   }
 
   /** Align a definition with the domain and build its bitmap-add actions (for create, and for backups that create one). */
@@ -155,12 +354,19 @@ export class CheckpointManager {
       }
       actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: true } });
     }
-    return okAsync({ def: full, actions });
+    // bitmaps first seen up to this generation exist before this checkpoint's are added
+    return this.evidence().map((book) => {
+      this.preparedAt.set(full.name, book.gen);
+      return { def: full, actions };
+    });
   }
 
   /** After QEMU created the bitmaps: persist and make current. On failure the caller discards the bitmaps. */
   commit(def: CheckpointDefFull): ResultAsync<CheckpointDefFull, CheckpointError> {
     const previous = this.store.current;
+    const gen = this.preparedAt.get(def.name);
+    this.preparedAt.delete(def.name);
+    this.bump([def.name]);
     return this.store
       .save(def)
       .andThen(() =>
@@ -177,7 +383,12 @@ export class CheckpointManager {
         // QEMU just created its bitmaps: valid until the next reconcile says otherwise
         this.setProblems(def.name, []);
         return def;
-      });
+      })
+      .andThen((d) =>
+        this.updateEvidence((b) => (gen === undefined ? evidenceDefined(evidenceDrop(b, [d.name]), d.name) : evidenceBorn(b, d.name, gen)))
+          .orElse(() => okAsync(undefined))
+          .map(() => d),
+      );
   }
 
   /** Remove a prepared checkpoint's bitmaps from QEMU (rollback). */
@@ -186,6 +397,7 @@ export class CheckpointManager {
       type: "block-dirty-bitmap-remove",
       data: { node: (a.data as { node: string }).node, name: (a.data as { name: string }).name },
     }));
+    this.preparedAt.delete(prepared.def.name);
     if (actions.length === 0) return okAsync(undefined);
     return client
       .execute("transaction", { actions })
@@ -222,7 +434,13 @@ export class CheckpointManager {
                 .andThen(() => errAsync(e)),
             ),
           );
-        }),
+        })
+        .andThen((created) =>
+          // the first sighting of the new bitmaps: the baseline later checks compare with
+          this.look(client)
+            .map(() => created)
+            .orElse(() => okAsync(created)),
+        ),
     );
   }
 
@@ -239,6 +457,7 @@ export class CheckpointManager {
       });
     }
     if (def.disks === undefined) return errAsync({ code: "xml-invalid", message: `redefining checkpoint '${name}' needs its <disks>` });
+    const tokens = new Map(this.tokens);
     return discoverDisks(client)
       .mapErr((e) => fromQmp("cannot list disks", e))
       .andThen((disks) => {
@@ -275,9 +494,19 @@ export class CheckpointManager {
         }
         const current = this.store.current;
         const becomesCurrent = current === undefined || current === full.parent;
+        // the same definition again keeps its evidence; a new one starts without history
+        if (existing === undefined) this.bump([name]);
+        // this view is the one the redefinition was checked against: it is the new checkpoint's first sighting
+        const token = this.tokens.get(name);
+        if (token !== undefined) tokens.set(name, token);
         return this.store
           .save(full)
           .andThen(() => (becomesCurrent ? this.store.setCurrent(name) : okAsync(undefined)))
+          .andThen(() =>
+            this.updateEvidence((b) => (existing === undefined ? evidenceDefined(evidenceDrop(b, [name]), name) : b))
+              .andThen(() => this.recordView(disks, tokens))
+              .orElse(() => okAsync(undefined)),
+          )
           .map(() => full);
       });
   }
@@ -290,6 +519,7 @@ export class CheckpointManager {
     const below = opts.children || opts.childrenOnly ? descendants(this.store.all, name, true) : [];
     const targets = opts.childrenOnly ? below : [def, ...below];
     const doomed = new Set(targets.map((t) => t.name));
+    this.bump(doomed);
     const removeBitmaps: ResultAsync<void, CheckpointError> = opts.metadataOnly
       ? okAsync(undefined)
       : client === undefined
@@ -342,11 +572,18 @@ export class CheckpointManager {
     }
     chain = chain.andThen(() => this.store.setCurrent(newCurrent));
     for (const c of order) chain = chain.andThen(() => this.store.remove(c.name));
-    return chain.map(() => {
-      for (const c of order) this.setProblems(c.name, undefined);
-      this.log.info({ deleted: order.map((c) => c.name), current: newCurrent }, "checkpoints deleted");
-      return targets.map((t) => t.name);
-    });
+    return chain
+      .map(() => {
+        for (const c of order) this.setProblems(c.name, undefined);
+        this.log.info({ deleted: order.map((c) => c.name), current: newCurrent }, "checkpoints deleted");
+        return targets.map((t) => t.name);
+      })
+      .andThen((names) =>
+        // a failed write leaves stale entries, which the next check drops (their checkpoints are gone)
+        this.updateEvidence((b) => evidenceDrop(b, names))
+          .orElse(() => okAsync(undefined))
+          .map(() => names),
+      );
   }
 
   /** The checkpoint's XML; with `size`, each disk's bytes changed since it (from QEMU's bitmap counts). */

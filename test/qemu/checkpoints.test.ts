@@ -152,7 +152,7 @@ t.test("a new store on the same directory reloads the tree; a corrupt file is sk
   const { client, mgr, stateDir } = await setup(t);
   for (const n of ["r1", "r2", "r3"]) (await mgr.create(client, cp(n)))._unsafeUnwrap();
   const dir = join(stateDir, "checkpoint", "vm1");
-  t.same(readdirSync(dir).sort(), [".current", "r1.xml", "r2.xml", "r3.xml"]);
+  t.same(readdirSync(dir).sort(), [".bitmaps.json", ".current", "r1.xml", "r2.xml", "r3.xml"]);
   // truncate r2 (as a crash without our atomic writes would) and add garbage
   const r2 = join(dir, "r2.xml");
   writeFileSync(r2, "<domaincheckpoint><name>r2</na");
