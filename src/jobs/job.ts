@@ -618,6 +618,11 @@ export class BackupJob {
     }
     await this.removeFiles(outcome, stuck);
     await this.rollBackCheckpoint(outcome);
+    // the checkpoints' evidence (dirty counts, recording state) as it stands once our temporary bitmaps are gone
+    if (!this.qemuGone && this.ctx.client.runstate === "running") {
+      const seen = await this.ctx.checkpoints.recordAfterBackup(this.ctx.client);
+      if (seen.isErr()) this.log.warn({ error: seen.error.message }, "cannot record the checkpoints' bitmaps after the backup");
+    }
     for (const d of this.disks) {
       if (d.state === "running" || d.state === "begin")
         d.state = outcome === "cancelled" ? "cancelled" : outcome === "ready" ? "complete" : "failed";

@@ -9,14 +9,14 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import { CheckpointManager } from "../src/checkpoints/manager.js";
-import { CheckpointStore } from "../src/checkpoints/store.js";
-import { ApiClient } from "../src/cli/client.js";
-import { QmpClient } from "../src/qmp/index.js";
-import { handBackups } from "./helpers/backup.js";
-import { startDaemon } from "./helpers/daemon.js";
-import { jobManager, leftovers, settledBackup, testDomain } from "./helpers/domain.js";
-import { createImage, type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "./helpers/qemu.js";
+import { CheckpointManager } from "../../src/checkpoints/manager.js";
+import { CheckpointStore } from "../../src/checkpoints/store.js";
+import { ApiClient } from "../../src/cli/client.js";
+import { QmpClient } from "../../src/qmp/index.js";
+import { handBackups } from "../helpers/backup.js";
+import { startDaemon } from "../helpers/daemon.js";
+import { jobManager, leftovers, settledBackup, testDomain } from "../helpers/domain.js";
+import { createImage, type QemuProcess, silentLogger, startVm, type Teardown, tempDir } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -184,7 +184,7 @@ t.test("normal use is never refused: checkpoints, writes, incrementals, delete, 
   await handBackups(client, "64M", [{ node: vda!.node, target: join(vm.dir, "inc1.qcow2"), sync: "incremental", since: ["c1"] }]);
   await ok(mgr, client, ["c1"], "after an incremental");
   // a checkpoint made as a backup job makes it: prepare, QEMU transaction, commit, with a listing racing it
-  const disks = (await import("../src/qmp/disks.js")).discoverDisks;
+  const disks = (await import("../../src/qmp/disks.js")).discoverDisks;
   const prepared = (await mgr.prepare({ name: "c2" }, (await disks(client))._unsafeUnwrap()))._unsafeUnwrap();
   const racing = mgr.reconcile(client);
   (await client.execute("transaction", { actions: prepared.actions }))._unsafeUnwrap();
