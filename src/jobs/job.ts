@@ -29,7 +29,7 @@ import { crashPoint } from "../util/crash-point.js";
 import { stillListening } from "../util/listening.js";
 import { backupCommitCheckpoint, backupDiskAddNodes, backupDiskCreateFiles, backupStartExports, backupStartJobs } from "./begin-steps.js";
 import type { BackupError } from "./errors.js";
-import { imageRemove } from "./images.js";
+import { finishRemoveFiles, finishRollBackCheckpoint, finishWriteOut } from "./finish.js";
 import {
   type BackupJobInfo,
   type BeginStep,
@@ -597,14 +597,9 @@ export class BackupJob {
     if (stuck === undefined) return;
     const closeFailed = stuck.find((s) => s.startsWith("blockdev-del"));
     if (pushReady && closeFailed !== undefined) this.errorText ??= `cannot close the target: ${closeFailed}`;
-    if (pushReady && this.ctx.planOpts.nonDurable !== true && this.errorText === undefined) {
-      // Ready means on disk: the targets are written out (and their directory entries) before anyone is told.
-      const i = writebackErrors.findIndex((e) => e !== undefined);
-      if (i >= 0)
-        this.errorText = `disk '${this.disks[i]!.plan.disk}': writing ${this.disks[i]!.plan.file} out failed: ${writebackErrors[i]}`;
-      crashPoint("ready:sync");
-      if (this.errorText === undefined) this.errorText = await this.ctx.writeback.syncFiles(this.disks.map((d) => d.plan.file));
-    }
+    // Ready means on disk: the targets are written out (and their directory entries) before anyone is told.
+    if (pushReady && this.ctx.planOpts.nonDurable !== true && this.errorText === undefined)
+      this.errorText = await finishWriteOut(this.ctx, this.disks, writebackErrors);
     if (pushReady && this.errorText !== undefined) {
       outcome = "failed";
       this.outcome = outcome;
@@ -616,8 +611,8 @@ export class BackupJob {
       if (again === undefined) return;
       stuck = [...stuck, ...again];
     }
-    await this.removeFiles(outcome, stuck);
-    await this.rollBackCheckpoint(outcome);
+    await finishRemoveFiles(this.ctx, this.disks, outcome, stuck, this.log);
+    if (await finishRollBackCheckpoint(this.ctx, outcome, this.log)) this.f.checkpointCommitted = false;
     // the checkpoints' evidence (dirty counts, recording state) as it stands once our temporary bitmaps are gone
     if (!this.qemuGone && this.ctx.client.runstate === "running") {
       const seen = await this.ctx.checkpoints.recordAfterBackup(this.ctx.client);
@@ -676,29 +671,5 @@ export class BackupJob {
     this.f.tlsAdded = false;
     this.f.tempBitmapsAdded = false;
     return [];
-  }
-
-  /** Scratch files always go; targets only when the backup did not succeed; never a file QEMU still holds. */
-  private async removeFiles(outcome: JobOutcome, stuck: readonly string[]): Promise<void> {
-    if (this.ctx.def.mode === "push" && outcome === "ready") return;
-    for (const d of this.disks) {
-      if (!d.fileCreated) continue;
-      if (d.nodeAdded || stuck.some((s) => s.includes(d.plan.targetNode))) {
-        this.log.error({ file: d.plan.file }, "QEMU still holds this file open; it is kept");
-        continue;
-      }
-      await imageRemove(d.plan.file);
-      d.fileCreated = false;
-    }
-  }
-
-  /** A checkpoint created with a backup that did not succeed must not claim a backup exists (its bitmaps went with undo). */
-  private async rollBackCheckpoint(outcome: JobOutcome): Promise<void> {
-    const cp = this.ctx.checkpoint;
-    if (cp === undefined || outcome === "ready") return;
-    if (this.ctx.checkpoints.store.get(cp.def.name) === undefined) return;
-    const r = await this.ctx.checkpoints.delete(undefined, cp.def.name, { metadataOnly: true });
-    if (r.isErr()) this.log.error({ checkpoint: cp.def.name, error: r.error.message }, "cannot remove the checkpoint's metadata");
-    else this.f.checkpointCommitted = false;
   }
 }
