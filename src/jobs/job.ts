@@ -298,6 +298,8 @@ export class BackupJob {
     const c = this.ctx.client;
     this.listen(c);
     const q = await readQemuState(c);
+    // an abort (end) may have taken the job over meanwhile: its finish owns it now
+    if (this.phaseValue !== "adopting") return;
     if (q.isErr()) {
       this.log.error("cannot read QEMU's state to adopt the job; retrying at the next connect");
       this.detach();
@@ -329,6 +331,7 @@ export class BackupJob {
       await this.finishing;
       return;
     }
+    if (this.phaseValue !== "adopting") return;
     this.transition(this.ctx.def.mode === "pull" ? "serving" : "running");
     void this.watch();
     void this.watchOthers();
