@@ -56,6 +56,8 @@ export class JobManager {
   /** Domains kept busy until a person looks (an unreadable job record was set aside). */
   private readonly blocked = new Map<string, string>();
   private readonly completed = new Map<string, BackupJobInfo>();
+  /** Domains whose recovery (record read, matched with QEMU, adopted) is under way. */
+  private readonly recovering = new Map<string, Promise<void>>();
   private readonly preparer: BackupPreparer;
   private readonly services: JobServices;
   private readonly subscribers = new Set<(e: JobEvent) => void>();
@@ -94,7 +96,23 @@ export class JobManager {
    * On every (re)connect of a domain: adopt the job its record describes, or
    * remove what a crashed daemon left in QEMU without a record.
    */
-  async recover(domain: BackupDomain): Promise<void> {
+  recover(domain: BackupDomain): Promise<void> {
+    // while a record is read and matched with QEMU, the domain's job is not known yet:
+    // requests about it wait (begin answers busy) instead of answering from a half-built view
+    const running = this.recovering.get(domain.name);
+    if (running !== undefined) return running;
+    const p = this.recoverNow(domain).finally(() => this.recovering.delete(domain.name));
+    this.recovering.set(domain.name, p);
+    return p;
+  }
+
+  /** Requests about a domain's job start once its recovery (if any) is over. */
+  private afterRecovery<T>(domain: string, fn: () => ResultAsync<T, BackupError>): ResultAsync<T, BackupError> {
+    const r = this.recovering.get(domain);
+    return r === undefined ? fn() : ResultAsync.fromSafePromise(r).andThen(fn);
+  }
+
+  private async recoverNow(domain: BackupDomain): Promise<void> {
     const client = domain.client();
     const store = this.store;
     if (client === undefined || store === undefined) return;
@@ -159,6 +177,10 @@ export class JobManager {
 
   /** The running job's info; with `completed`, the last finished job's. */
   info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
+    return this.afterRecovery(domain, () => this.infoNow(domain, opts));
+  }
+
+  private infoNow(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
     if (opts.completed) {
       const c = this.completed.get(domain);
       return c === undefined ? errAsync({ code: "no-job", message: `no finished backup job on domain '${domain}'` }) : okAsync(c);
@@ -171,6 +193,10 @@ export class JobManager {
   }
 
   xml(domain: string): ResultAsync<string, BackupError> {
+    return this.afterRecovery(domain, () => this.xmlNow(domain));
+  }
+
+  private xmlNow(domain: string): ResultAsync<string, BackupError> {
     const j = this.active.get(domain);
     return j === undefined ? errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` }) : okAsync(j.xml());
   }
@@ -181,6 +207,10 @@ export class JobManager {
    * started nothing; a begin under way is aborted by its own chain.
    */
   end(domain: string): ResultAsync<BackupJobInfo, BackupError> {
+    return this.afterRecovery(domain, () => this.endNow(domain));
+  }
+
+  private endNow(domain: string): ResultAsync<BackupJobInfo, BackupError> {
     return this.stillBlocked(domain).andThen(() => {
       const j = this.active.get(domain);
       if (j !== undefined) return ResultAsync.fromSafePromise(j.end());
@@ -199,6 +229,10 @@ export class JobManager {
 
   /** Change the running job's bandwidth limit (bytes/s per disk; 0 = unlimited). */
   setBandwidth(domain: string, bytesPerSecond: number): ResultAsync<void, BackupError> {
+    return this.afterRecovery(domain, () => this.setBandwidthNow(domain, bytesPerSecond));
+  }
+
+  private setBandwidthNow(domain: string, bytesPerSecond: number): ResultAsync<void, BackupError> {
     const j = this.active.get(domain);
     if (j === undefined) return errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` });
     return j.setBandwidth(bytesPerSecond);
@@ -206,6 +240,10 @@ export class JobManager {
 
   /** Wait until the running job is ready (push: complete), failed or cancelled. */
   wait(domain: string, timeoutMs?: number): ResultAsync<BackupJobInfo, BackupError> {
+    return this.afterRecovery(domain, () => this.waitNow(domain, timeoutMs));
+  }
+
+  private waitNow(domain: string, timeoutMs?: number): ResultAsync<BackupJobInfo, BackupError> {
     const j = this.active.get(domain);
     if (j === undefined) {
       const c = this.completed.get(domain);
@@ -234,6 +272,9 @@ export class JobManager {
   ): ResultAsync<BackupJobInfo, BackupError> {
     if (this.active.has(domain.name) || this.beginning.has(domain.name)) {
       return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
+    }
+    if (this.recovering.has(domain.name)) {
+      return errAsync({ code: "busy", message: `the last backup job of domain '${domain.name}' is being recovered; try again` });
     }
     const client = domain.client();
     if (client === undefined || client.runstate !== "running") {
