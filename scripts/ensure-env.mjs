@@ -18,8 +18,10 @@ const TOOLS = {
   nbdcopy: "libnbd-bin",
   xmllint: "libxml2-utils",
   openssl: "openssl",
+  // checks the metrics exposition and the example alert rules (test/unit/metrics.test.ts)
+  promtool: "prometheus",
 };
-const APT = ["qemu-system-x86", "qemu-utils", "libnbd-bin", "libxml2-utils", "openssl"];
+const APT = ["qemu-system-x86", "qemu-utils", "libnbd-bin", "libxml2-utils", "openssl", "prometheus"];
 
 function have(cmd) {
   return spawnSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" }).status === 0;

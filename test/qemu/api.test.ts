@@ -169,7 +169,7 @@ t.test("event stream and metrics", async (t) => {
     ["hello", "connected", "started", "ready", "ended"],
   );
   const m = (await req(api, "GET", "/v1/metrics")).text;
-  t.match(m, /qbackupd_backups_total\{mode="push",outcome="completed"\} 1/);
+  t.match(m, /qbackupd_backups_total\{domain="ev",mode="push",outcome="completed"\} 1/);
   t.match(m, /qbackupd_qmp_connected\{domain="ev"\} 1/);
   await d.stop();
 });
