@@ -18,6 +18,7 @@ import type { JobManager } from "../jobs/manager.js";
 import type { JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import { type ApiError, errorBody, httpStatus } from "./errors.js";
+import { DebugRequestLog } from "./request-log.js";
 
 export interface ApiDeps {
   readonly domains: DomainRegistry;
@@ -112,16 +113,12 @@ export function buildApi(deps: ApiDeps) {
     keepAliveTimeout: 5_000,
     // on stop, do not wait for open event streams or keep-alive clients
     forceCloseConnections: true,
-    // fastify's own request lines are at info (two per request: a client's `wait` wrote 16 lines in 3 s); ours below are at debug
-    disableRequestLogging: true,
+    // fastify's own two lines per request, at debug
+    logController: new DebugRequestLog(),
   });
 
-  app.addHook("onRequest", async (req) => {
+  app.addHook("onRequest", async () => {
     deps.metrics.onRequest();
-    req.log.debug({ method: req.method, url: req.url }, "request");
-  });
-  app.addHook("onResponse", async (req, reply) => {
-    req.log.debug({ statusCode: reply.statusCode, responseTime: reply.elapsedTime }, "request completed");
   });
   app.setErrorHandler((error: Error & { statusCode?: number; code?: string }, req, reply) => {
     if (error.code === "FST_ERR_CTP_BODY_TOO_LARGE")
