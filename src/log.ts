@@ -9,11 +9,15 @@
  * numbers. Under systemd (JOURNAL_STREAM set: stdout is the journal) each
  * line also starts with the sd-daemon(3) priority prefix (`<4>` for warn),
  * which journald strips and files as the entry's PRIORITY — without it every
- * line, errors included, lands at the unit's default priority (info). The
+ * line, errors included, lands at the unit's default priority (info). As
+ * systemd.exec(5) advises, JOURNAL_STREAM counts only when its device:inode is
+ * stdout's own (a child started from a unit with stdout elsewhere inherits
+ * the variable). The
  * prefix is chosen by pino's own multistream (one stream per level, dedupe:
  * each line goes to the highest level's stream only), so no line is parsed
  * again to find its level.
  */
+import { fstatSync } from "node:fs";
 import { type DestinationStream, type Level, type LevelWithSilent, type Logger, type LoggerOptions, pino } from "pino";
 
 export type { Logger };
@@ -60,18 +64,29 @@ export function journaldDestination(out: { write(s: string): unknown }): Destina
   );
 }
 
-/** The daemon's starting level: QBACKUPD_LOG_LEVEL when valid, else info (the configuration may change it). */
+/** QBACKUPD_LOG_LEVEL when it names a level (else undefined: the configuration's, or info). */
 export function envLogLevel(env: NodeJS.ProcessEnv = process.env): LevelWithSilent | undefined {
   const v = env.QBACKUPD_LOG_LEVEL;
   return isLogLevel(v) ? v : undefined;
 }
 
+/** Whether `fd` is the journal stream systemd named in JOURNAL_STREAM ("device:inode", decimal). */
+export function isJournalStream(env: NodeJS.ProcessEnv = process.env, fd = 1): boolean {
+  const m = /^(\d+):(\d+)$/.exec(env.JOURNAL_STREAM ?? "");
+  if (m === null) return false;
+  try {
+    const st = fstatSync(fd, { bigint: true });
+    return st.dev === BigInt(m[1]!) && st.ino === BigInt(m[2]!);
+  } catch {
+    return false;
+  }
+}
+
 function makeRoot(): Logger {
   const opts = loggerOptions(envLogLevel() ?? "info");
-  // JOURNAL_STREAM: systemd.exec(5) sets it when stdout or stderr is connected to the journal
-  if (process.env.JOURNAL_STREAM) {
+  if (isJournalStream()) {
     // multistream filters by its streams' levels too: open them all, the logger's level decides
-    return pino(opts, journaldDestination(process.stdout));
+    return pino(opts, journaldDestination(pino.destination({ dest: 1, sync: true })));
   }
   return pino(opts);
 }

@@ -93,6 +93,10 @@ t.test("completed, cancelled and failed backups move the domain's series; the la
   await d2.stop();
 });
 
+const BIN = join(import.meta.dirname, "..", "..", "bin", "qbackupd");
+/** bin/qbackupd started with JOURNAL_STREAM set to its stdout's device:inode (decimal, as systemd writes it). */
+const ASJOURNAL = ["sh", "-c", 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/$$/fd/1) exec "$0" "$@"', BIN];
+
 /** The daemon's JSON lines: [priority prefix or undefined, parsed line]. */
 function lines(log: string): [number | undefined, { level: string; msg: string }][] {
   return log
@@ -108,10 +112,10 @@ const requestLines = (log: string) => lines(log).filter(([, o]) => o.msg === "in
 
 t.test("under systemd every line carries its priority; request lines at debug only", async (t) => {
   const vm = await startVm(t, { disks: [{ size: "16M" }] });
-  const d = await startDaemon(t, { args: ["--log-level", "debug"], env: { JOURNAL_STREAM: "8:12345" } });
+  // as systemd does: JOURNAL_STREAM names stdout's device:inode
+  const d = await startDaemon(t, { args: ["--log-level", "debug"], command: ASJOURNAL });
   await addDomain(d, "vm", vm.qmpPath);
   await connected(d, "vm");
-  // a warning: a backup begun for a domain that does not exist is no warning; a refused path is logged at warn?
   await new ApiClient(d.socket).request("GET", "/v1/health");
   await until("request lines", async () => requestLines(d.log()).length >= 2);
   const all = lines(d.log());
@@ -135,8 +139,8 @@ t.test("under systemd every line carries its priority; request lines at debug on
   );
   await d.stop();
 
-  // the default level (info, from the test helper's warn replaced by the flag): no request lines, no prefix without JOURNAL_STREAM
-  const q = await startDaemon(t, { args: ["--log-level", "info"] });
+  // at info: no request lines; and a JOURNAL_STREAM that is not stdout (inherited from a unit) adds no prefix
+  const q = await startDaemon(t, { args: ["--log-level", "info"], env: { JOURNAL_STREAM: "8:12345" } });
   for (let i = 0; i < 5; i++) await new ApiClient(q.socket).request("GET", "/v1/health");
   await q.stop();
   t.same(requestLines(q.log()), [], "no request lines at info");

@@ -1,7 +1,10 @@
 /** The log lines journald and people read: level names, sd-daemon priority prefixes, the level switch. */
+import { closeSync, fstatSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { pino } from "pino";
 import t from "tap";
-import { envLogLevel, isLogLevel, journaldDestination, loggerOptions } from "../../src/log.js";
+import { envLogLevel, isJournalStream, isLogLevel, journaldDestination, loggerOptions } from "../../src/log.js";
 
 function capture(level: Parameters<typeof loggerOptions>[0]) {
   const lines: string[] = [];
@@ -58,4 +61,20 @@ t.test("level names: valid ones only, from the environment", async (t) => {
   t.equal(envLogLevel({ QBACKUPD_LOG_LEVEL: "" }), undefined);
   t.equal(envLogLevel({ QBACKUPD_LOG_LEVEL: "loud" }), undefined);
   t.equal(envLogLevel({}), undefined);
+});
+
+t.test("JOURNAL_STREAM counts only when it names this very stream (systemd.exec(5))", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "qbackupd-log-"));
+  const fd = openSync(join(dir, "out"), "w");
+  t.teardown(() => {
+    closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const st = fstatSync(fd);
+  t.ok(isJournalStream({ JOURNAL_STREAM: `${st.dev}:${st.ino}` }, fd), "its device:inode");
+  t.notOk(isJournalStream({ JOURNAL_STREAM: `${st.dev}:${st.ino + 1}` }, fd), "another stream's (inherited by a child)");
+  t.notOk(isJournalStream({ JOURNAL_STREAM: "8:12345" }, fd));
+  t.notOk(isJournalStream({ JOURNAL_STREAM: "yes" }, fd));
+  t.notOk(isJournalStream({}, fd), "unset");
+  t.notOk(isJournalStream({ JOURNAL_STREAM: `${st.dev}:${st.ino}` }, 987654), "a closed fd");
 });
