@@ -38,6 +38,9 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
+  const envLevel = process.env.QBACKUPD_LOG_LEVEL;
+  if (envLevel !== undefined && envLevel !== "" && envLogLevel() === undefined)
+    process.stderr.write(`qbackupd: QBACKUPD_LOG_LEVEL=${JSON.stringify(envLevel)} is no level name; ignored\n`);
   const flags: ConfigFlags = {
     config: values.config,
     socket: values.socket,

@@ -181,4 +181,9 @@ t.test("the level from the configuration file, the flag over it, and SIGHUP", as
   // a bad level is refused at start with a clear message
   writeFileSync(config, `${JSON.stringify({ logLevel: "loud" })}\n`);
   await t.rejects(startDaemon(t, { dir, env: { QBACKUPD_LOG_LEVEL: "" } }), /logLevel must be one of/);
+  await t.rejects(startDaemon(t, { args: ["--log-level", "shout"] }), /logLevel must be one of .*"shout"/, "a bad flag too");
+  // a bad environment value is named and ignored (pino used to throw at import, with a stack trace)
+  const e = await startDaemon(t, { env: { QBACKUPD_LOG_LEVEL: "loud" } });
+  t.match(e.log(), /QBACKUPD_LOG_LEVEL="loud" is no level name; ignored/);
+  await e.stop();
 });
