@@ -11,11 +11,11 @@
  * This module only observes: it must never change a job or a domain, and a
  * failure to persist its file is logged, never raised.
  */
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
-import { writeFileAtomic } from "../util/atomic-file.js";
+import { TEMP_PREFIX, writeFileAtomic } from "../util/atomic-file.js";
 
 export const MODES = ["push", "pull"] as const;
 export type Mode = (typeof MODES)[number];
@@ -87,7 +87,15 @@ export class Metrics {
   }
 
   private load(): void {
-    if (this.file === undefined) return;
+    if (this.file === undefined || this.opts.stateDir === undefined) return;
+    // a write cut short by a crash leaves its temp file; ours alone (the daemon holds the directory's lock)
+    try {
+      const temp = `${TEMP_PREFIX}metrics.json.`;
+      for (const f of readdirSync(this.opts.stateDir))
+        if (f.startsWith(temp) && /^[0-9a-f]+$/.test(f.slice(temp.length))) rmSync(join(this.opts.stateDir, f), { force: true });
+    } catch {
+      // unreadable directory: the read below reports it
+    }
     let text: string;
     try {
       text = readFileSync(this.file, "utf8");

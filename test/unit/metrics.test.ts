@@ -5,7 +5,7 @@
  * docs/prometheus, checked and unit-tested by promtool.
  */
 import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -146,6 +146,11 @@ t.test("the last outcome and success survive a restart (metrics.json in the stat
   t.equal(s.get('qbackupd_backup_last_success_timestamp_seconds{domain="vm1"}'), Date.parse("2026-01-01T00:00:00Z") / 1000);
   t.equal(s.get('qbackupd_backup_last_outcome{domain="vm1",outcome="failed"}'), 1);
   t.equal(s.get('qbackupd_backups_total{domain="vm1",mode="push",outcome="failed"}'), 0, "counters start again (a counter reset)");
+  // a temp file left by a write cut short is removed at start, nothing else
+  writeFileSync(join(dir, ".tmp-metrics.json.0123abcd"), "{");
+  writeFileSync(join(dir, ".tmp-other.json.0123abcd"), "{");
+  new Metrics({ stateDir: dir });
+  t.same(readdirSync(dir).sort(), [".tmp-other.json.0123abcd", "metrics.json"]);
   // an unreadable file costs the gauges, never the start
   writeFileSync(join(dir, "metrics.json"), "{nope");
   const c = samples(new Metrics({ stateDir: dir }).render(reg(dom("vm1")), 0));
