@@ -5,7 +5,7 @@
  * priority prefixes under systemd, request lines appear at debug only, and the
  * level comes from the flag, the configuration file and SIGHUP.
  */
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { ApiClient } from "../../src/cli/client.js";
@@ -46,7 +46,8 @@ t.test("completed, cancelled and failed backups move the domain's series; the la
   }
   t.equal(m0.get(SUCCESS), 0, "never backed up: 0");
   t.equal(m0.get('qbackupd_backup_duration_seconds_count{domain="vm",mode="push"}'), 0);
-  t.ok(m0.has(`qbackupd_build_info{version="0.1.0",nodejs="${process.version}"}`), "build info");
+  const { version } = JSON.parse(readFileSync(join(import.meta.dirname, "..", "..", "package.json"), "utf8")) as { version: string };
+  t.ok(m0.has(`qbackupd_build_info{version="${version}",nodejs="${process.version}"}`), "build info");
   t.ok((m0.get("process_resident_memory_bytes") ?? 0) > 0, "process metrics");
 
   // completed
