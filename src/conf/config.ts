@@ -157,7 +157,8 @@ export function parseConfig(fileText: string | undefined, flags: ConfigFlags): R
   if (maxConnections.isErr()) return err(maxConnections.error);
   if (o.allowPlainTcp !== undefined && typeof o.allowPlainTcp !== "boolean") return bad("allowPlainTcp must be true or false");
   const logLevel = flags.logLevel ?? o.logLevel;
-  if (logLevel !== undefined && !isLogLevel(logLevel)) return bad(`logLevel must be one of ${LOG_LEVELS.join(", ")} (got ${JSON.stringify(logLevel)})`);
+  if (logLevel !== undefined && !isLogLevel(logLevel))
+    return bad(`logLevel must be one of ${LOG_LEVELS.join(", ")} (got ${JSON.stringify(logLevel)})`);
   const domains: DomainConfig[] = [];
   if (o.domains !== undefined) {
     if (!Array.isArray(o.domains)) return bad("domains must be a list");
