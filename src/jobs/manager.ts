@@ -98,7 +98,7 @@ export class JobManager {
    */
   recover(domain: BackupDomain): Promise<void> {
     // while a record is read and matched with QEMU, the domain's job is not known yet:
-    // requests about it wait (begin answers busy) instead of answering from a half-built view
+    // requests about it (begin too) wait instead of answering from a half-built view
     const running = this.recovering.get(domain.name);
     if (running !== undefined) return running;
     const p = this.recoverNow(domain).finally(() => this.recovering.delete(domain.name));
@@ -270,11 +270,18 @@ export class JobManager {
     checkpointXml: string | undefined,
     opts: BeginOptions = {},
   ): ResultAsync<BackupJobInfo, BackupError> {
+    // a begin right after a (re)connect waits for the recovery: it may adopt a job (then: busy)
+    return this.afterRecovery(domain.name, () => this.beginNow(domain, backupXml, checkpointXml, opts));
+  }
+
+  private beginNow(
+    domain: BackupDomain,
+    backupXml: string | undefined,
+    checkpointXml: string | undefined,
+    opts: BeginOptions = {},
+  ): ResultAsync<BackupJobInfo, BackupError> {
     if (this.active.has(domain.name) || this.beginning.has(domain.name)) {
       return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
-    }
-    if (this.recovering.has(domain.name)) {
-      return errAsync({ code: "busy", message: `the last backup job of domain '${domain.name}' is being recovered; try again` });
     }
     const client = domain.client();
     if (client === undefined || client.runstate !== "running") {
