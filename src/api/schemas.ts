@@ -190,14 +190,14 @@ export const operations: readonly Operation[] = [
     method: "GET",
     path: "/v1/health",
     summary: "Liveness",
-    responses: { "200": { description: "OK", content: json(ref("Health")) }, ...errors(500) },
+    responses: { "200": { description: "OK", content: json(ref("Health")) }, ...errors(...base) },
   },
   {
     operationId: "getMetrics",
     method: "GET",
     path: "/v1/metrics",
     summary: "Prometheus metrics (backups by mode and outcome, bytes, durations, checkpoints per domain, QMP connection state)",
-    responses: { "200": { description: "text exposition format", content: { "text/plain": { type: "string" } } }, ...errors(500) },
+    responses: { "200": { description: "text exposition format", content: { "text/plain": { type: "string" } } }, ...errors(...base) },
   },
   {
     operationId: "getEvents",
@@ -219,7 +219,7 @@ export const operations: readonly Operation[] = [
     method: "GET",
     path: "/v1/domains",
     summary: "List domains",
-    responses: { "200": { description: "OK", content: json({ type: "array", items: ref("Domain") }) }, ...errors(500) },
+    responses: { "200": { description: "OK", content: json({ type: "array", items: ref("Domain") }) }, ...errors(...base) },
   },
   {
     operationId: "registerDomain",
