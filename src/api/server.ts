@@ -12,7 +12,7 @@ import { type Result, ResultAsync } from "neverthrow";
 import { byAge, descendants, leaves, renderTree, roots, topological } from "../checkpoints/tree.js";
 import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import { parseDomainConfig } from "../conf/config.js";
-import { MAX_NAME_BYTES } from "../conf/names.js";
+import { checkName, MAX_NAME_BYTES } from "../conf/names.js";
 import type { Domain, DomainEvent, DomainRegistry } from "../daemon/domains.js";
 import type { Metrics } from "../daemon/metrics.js";
 import type { JobManager } from "../jobs/manager.js";
@@ -109,6 +109,32 @@ function op(operationId: string) {
   return { schema: routeSchema(o), config: { operationId } };
 }
 
+/** Which name a validated field holds, for the name rule's own message. */
+const NAME_FIELDS: Readonly<Record<string, string>> = {
+  name: "domain name",
+  domain: "domain name",
+  checkpoint: "checkpoint name",
+  descendants: "checkpoint name",
+};
+
+/**
+ * A name refused by the schema's pattern or length gets the message of
+ * conf/names.ts (which rule broke) instead of the validator's "must match
+ * pattern …".
+ */
+function nameRuleMessage(error: Error, req: { params: unknown; query: unknown; body: unknown }): string | undefined {
+  const v = error as Error & { validation?: { instancePath: string; keyword: string }[]; validationContext?: string };
+  const first = v.validation?.[0];
+  if (first === undefined || !["pattern", "minLength", "maxLength"].includes(first.keyword)) return undefined;
+  const field = first.instancePath.split("/").pop() ?? "";
+  const what = NAME_FIELDS[field];
+  const part = v.validationContext === "params" ? req.params : v.validationContext === "querystring" ? req.query : req.body;
+  const value = (part as Record<string, unknown> | undefined)?.[field];
+  if (what === undefined || typeof value !== "string") return undefined;
+  const r = checkName(value, what);
+  return r.isErr() ? `${v.validationContext}/${field}: ${r.error.message}` : undefined;
+}
+
 /** The methods of the documented operations whose path matches `path` (for 405 and its Allow header). */
 function allowedMethods(path: string): string[] {
   const methods = operations
@@ -171,7 +197,7 @@ export function buildApi(deps: ApiDeps) {
     if (error.statusCode === 415)
       return sendError(reply, { code: "unsupported-media-type", message: "request bodies are application/json" });
     if (error.statusCode !== undefined && error.statusCode < 500) {
-      return sendError(reply, { code: "bad-request", message: error.message });
+      return sendError(reply, { code: "bad-request", message: nameRuleMessage(error, req) ?? error.message });
     }
     req.log.error({ err: error }, "request failed");
     return sendError(reply, { code: "internal", message: "internal error (see the daemon's log)" });

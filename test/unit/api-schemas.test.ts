@@ -113,3 +113,19 @@ t.test("names up to the limit are addressable on every route; longer ones are re
   t.equal(huge.statusCode, 400, "a name far over the limit: 400, not fastify's 414");
   t.same(Object.keys(huge.json() as object).sort(), ["code", "message"]);
 });
+
+t.test("a name outside the rules: the message says which rule broke", async (t) => {
+  const { app } = stubApi();
+  const cases: [string, string, object | undefined, RegExp][] = [
+    ["POST", "/v1/domains", { name: "../evil", qmp: "/x" }, /body\/name: domain name '..\/evil' must not start with '.'/],
+    ["POST", "/v1/domains", { name: "a b", qmp: "/x" }, /white space/],
+    ["POST", "/v1/domains", { name: "x".repeat(MAX_NAME_BYTES + 1), qmp: "/x" }, new RegExp(`longer than ${MAX_NAME_BYTES} bytes`)],
+    ["GET", "/v1/domains/.hidden", undefined, /params\/name: domain name '.hidden' must not start with '.'/],
+    ["GET", "/v1/domains/vm1/checkpoints/a%20b", undefined, /params\/checkpoint: checkpoint name 'a b' must not contain white space/],
+  ];
+  for (const [method, url, payload, message] of cases) {
+    const r = await app.inject({ method: method as "GET", url, ...(payload === undefined ? {} : { payload }) });
+    t.equal(r.statusCode, 400);
+    t.match(r.json(), { code: "bad-request", message }, url);
+  }
+});
