@@ -102,7 +102,7 @@ export function domainJson(d: Domain) {
 
 export type ApiServer = ReturnType<typeof buildApi>;
 
-/** Route options of an operation of api/schemas.ts: its validation schemas, and its id for the check in contractApply. */
+/** Route options of an operation of api/schemas.ts: its validation schemas, and its id for the onRoute check in buildApi. */
 function op(operationId: string) {
   const o = operations.find((x) => x.operationId === operationId);
   if (o === undefined) throw new Error(`api/schemas.ts has no operation ${operationId}`);
@@ -149,13 +149,6 @@ export function buildApi(deps: ApiDeps) {
   const app = Fastify({
     loggerInstance: deps.logger,
     bodyLimit: deps.maxBodyBytes,
-    genReqId: () => randomUUID(),
-    // a slow or stuck client cannot hold a request open forever
-    requestTimeout: 60_000,
-    connectionTimeout: 0,
-    keepAliveTimeout: 5_000,
-    // on stop, do not wait for open event streams or keep-alive clients
-    forceCloseConnections: true,
     routerOptions: {
       // names up to the limit reach their route whatever a client percent-encodes; longer ones get the 400 below
       maxParamLength: 3 * MAX_NAME_BYTES,
@@ -165,26 +158,13 @@ export function buildApi(deps: ApiDeps) {
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
     // the router's own refusals (a path parameter too long, a malformed URL) in the stable error body
     frameworkErrors: (error, _req, reply) => sendError(reply, { code: "bad-request", message: error.message }),
-  });
-  /**
-   * What makes the routes keep api/schemas.ts: every route is a documented
-   * operation at its documented method and path (checked as routes are added,
-   * so a route added without its operation fails at start); bodies are JSON
-   * only (fastify's text/plain parser removed: other types answer 415); an
-   * optional body that is absent is validated as {}.
-   */
-  app.removeContentTypeParser("text/plain");
-  app.addHook("onRoute", (r) => {
-    if (r.method === "HEAD") return;
-    const id = (r.config as { operationId?: string } | undefined)?.operationId;
-    const o = operations.find((x) => x.operationId === id);
-    if (o === undefined || o.method !== r.method || routePath(o.path) !== r.url)
-      throw new Error(`route ${String(r.method)} ${r.url} is not the operation ${id ?? "(none)"} of api/schemas.ts`);
-  });
-  app.addHook("preValidation", async (req) => {
-    const id = (req.routeOptions.config as { operationId?: string }).operationId;
-    const o = operations.find((x) => x.operationId === id);
-    if (req.body === undefined && o?.body?.required === false) req.body = {};
+    genReqId: () => randomUUID(),
+    // a slow or stuck client cannot hold a request open forever
+    requestTimeout: 60_000,
+    connectionTimeout: 0,
+    keepAliveTimeout: 5_000,
+    // on stop, do not wait for open event streams or keep-alive clients
+    forceCloseConnections: true,
   });
 
   app.addHook("onRequest", async (req) => {
@@ -211,6 +191,27 @@ export function buildApi(deps: ApiDeps) {
         message: `${req.method} is not allowed on ${path}; allowed: ${allow.join(", ")}`,
       });
     return reply.code(404).send({ code: "not-found", message: `no route ${req.method} ${path}` });
+  });
+
+  /**
+   * What makes the routes keep api/schemas.ts: every route is a documented
+   * operation at its documented method and path (checked as routes are added,
+   * so a route added without its operation fails at start); bodies are JSON
+   * only (fastify's text/plain parser removed: other types answer 415); an
+   * optional body that is absent is validated as {}.
+   */
+  app.removeContentTypeParser("text/plain");
+  app.addHook("onRoute", (r) => {
+    if (r.method === "HEAD") return;
+    const id = (r.config as { operationId?: string } | undefined)?.operationId;
+    const o = operations.find((x) => x.operationId === id);
+    if (o === undefined || o.method !== r.method || routePath(o.path) !== r.url)
+      throw new Error(`route ${String(r.method)} ${r.url} is not the operation ${id ?? "(none)"} of api/schemas.ts`);
+  });
+  app.addHook("preValidation", async (req) => {
+    const id = (req.routeOptions.config as { operationId?: string }).operationId;
+    const o = operations.find((x) => x.operationId === id);
+    if (req.body === undefined && o?.body?.required === false) req.body = {};
   });
 
   const need = (reply: FastifyReply, name: string): Domain | undefined => {
