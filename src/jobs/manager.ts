@@ -13,6 +13,7 @@
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { Logger } from "../log.js";
+import type { QmpClient } from "../qmp/client.js";
 import { type JobServices, jobContext } from "./context.js";
 import type { BackupDomain, BeginOptions } from "./domain.js";
 import type { BackupError } from "./errors.js";
@@ -53,6 +54,8 @@ export class JobManager {
   private readonly active = new Map<string, BackupJob>();
   /** Domains whose begin is being prepared (validation is async: reserve the slot first). */
   private readonly beginning = new Map<string, Reservation>();
+  /** Domains whose recovery runs (a begin then would race the adoption of the record). */
+  private readonly recovering = new Set<string>();
   /** Domains kept busy until a person looks (an unreadable job record was set aside). */
   private readonly blocked = new Map<string, string>();
   private readonly completed = new Map<string, BackupJobInfo>();
@@ -98,6 +101,16 @@ export class JobManager {
     const client = domain.client();
     const store = this.store;
     if (client === undefined || store === undefined) return;
+    // marked before the first await: a domain is connected (and takes requests) before its recovery has adopted the record
+    this.recovering.add(domain.name);
+    try {
+      await this.recoverNow(domain, client, store);
+    } finally {
+      this.recovering.delete(domain.name);
+    }
+  }
+
+  private async recoverNow(domain: BackupDomain, client: QmpClient, store: JobStore): Promise<void> {
     if (!this.completed.has(domain.name)) {
       const c = await store.loadCompleted(domain.name);
       if (c !== undefined) this.completed.set(domain.name, c);
@@ -235,6 +248,8 @@ export class JobManager {
     if (this.active.has(domain.name) || this.beginning.has(domain.name)) {
       return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
     }
+    if (this.recovering.has(domain.name))
+      return errAsync({ code: "busy", message: `domain '${domain.name}' is adopting or cleaning up its last backup after a (re)connect; try again` });
     const client = domain.client();
     if (client === undefined || client.runstate !== "running") {
       return errAsync({ code: "not-connected", message: `domain '${domain.name}' is not connected to QEMU` });
