@@ -54,8 +54,10 @@ export class JobManager {
   private readonly active = new Map<string, BackupJob>();
   /** Domains whose begin is being prepared (validation is async: reserve the slot first). */
   private readonly beginning = new Map<string, Reservation>();
-  /** Domains whose recovery runs (a begin then would race the adoption of the record). */
+  /** Domains whose recovery runs: a begin then would race the adoption of the record (or its cleanup of leftovers). */
   private readonly recovering = new Set<string>();
+  /** Until a recovery knows the recorded job (registered, or none): questions about the domain's job wait for it. */
+  private readonly unknown = new Map<string, Promise<void>>();
   /** Domains kept busy until a person looks (an unreadable job record was set aside). */
   private readonly blocked = new Map<string, string>();
   private readonly completed = new Map<string, BackupJobInfo>();
@@ -102,15 +104,31 @@ export class JobManager {
     const store = this.store;
     if (client === undefined || store === undefined) return;
     // marked before the first await: a domain is connected (and takes requests) before its recovery has adopted the record
+    // questions wait until the recorded job is known (registered, or found to be none), not for its undo to end
+    let resolve: () => void = () => {};
+    const pending = new Promise<void>((r) => (resolve = r));
+    const known = () => {
+      if (this.unknown.get(domain.name) === pending) this.unknown.delete(domain.name);
+      resolve();
+    };
     this.recovering.add(domain.name);
+    this.unknown.set(domain.name, pending);
     try {
-      await this.recoverNow(domain, client, store);
+      await this.recoverNow(domain, client, store, known);
     } finally {
+      known();
       this.recovering.delete(domain.name);
     }
   }
 
-  private async recoverNow(domain: BackupDomain, client: QmpClient, store: JobStore): Promise<void> {
+  /** Questions about a domain's job are answered once its recovery has adopted (or cleaned up) the recorded one. */
+  private afterRecovery<T>(domain: string, f: () => ResultAsync<T, BackupError>): ResultAsync<T, BackupError> {
+    const r = this.unknown.get(domain);
+    if (r === undefined) return f();
+    return ResultAsync.fromSafePromise(r).andThen(f);
+  }
+
+  private async recoverNow(domain: BackupDomain, client: QmpClient, store: JobStore, known: () => void): Promise<void> {
     if (!this.completed.has(domain.name)) {
       const c = await store.loadCompleted(domain.name);
       if (c !== undefined) this.completed.set(domain.name, c);
@@ -123,6 +141,7 @@ export class JobManager {
         const job = new BackupJob(jobContext(this.services, domain, client, rec), "adopting");
         job.restoreFrom(rec);
         this.active.set(domain.name, job);
+        known();
         await job.adopt();
         return job;
       },
@@ -172,6 +191,10 @@ export class JobManager {
 
   /** The running job's info; with `completed`, the last finished job's. */
   info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
+    return this.afterRecovery(domain, () => this.infoNow(domain, opts));
+  }
+
+  private infoNow(domain: string, opts: { completed?: boolean }): ResultAsync<BackupJobInfo, BackupError> {
     if (opts.completed) {
       const c = this.completed.get(domain);
       return c === undefined ? errAsync({ code: "no-job", message: `no finished backup job on domain '${domain}'` }) : okAsync(c);
@@ -194,7 +217,7 @@ export class JobManager {
    * started nothing; a begin under way is aborted by its own chain.
    */
   end(domain: string): ResultAsync<BackupJobInfo, BackupError> {
-    return this.stillBlocked(domain).andThen(() => {
+    return this.afterRecovery(domain, () => this.stillBlocked(domain)).andThen(() => {
       const j = this.active.get(domain);
       if (j !== undefined) return ResultAsync.fromSafePromise(j.end());
       const slot = this.beginning.get(domain);
@@ -212,6 +235,10 @@ export class JobManager {
 
   /** Change the running job's bandwidth limit (bytes/s per disk; 0 = unlimited). */
   setBandwidth(domain: string, bytesPerSecond: number): ResultAsync<void, BackupError> {
+    return this.afterRecovery(domain, () => this.setBandwidthNow(domain, bytesPerSecond));
+  }
+
+  private setBandwidthNow(domain: string, bytesPerSecond: number): ResultAsync<void, BackupError> {
     const j = this.active.get(domain);
     if (j === undefined) return errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` });
     return j.setBandwidth(bytesPerSecond);
@@ -219,6 +246,10 @@ export class JobManager {
 
   /** Wait until the running job is ready (push: complete), failed or cancelled. */
   wait(domain: string, timeoutMs?: number): ResultAsync<BackupJobInfo, BackupError> {
+    return this.afterRecovery(domain, () => this.waitNow(domain, timeoutMs));
+  }
+
+  private waitNow(domain: string, timeoutMs: number | undefined): ResultAsync<BackupJobInfo, BackupError> {
     const j = this.active.get(domain);
     if (j === undefined) {
       const c = this.completed.get(domain);
@@ -249,7 +280,10 @@ export class JobManager {
       return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
     }
     if (this.recovering.has(domain.name))
-      return errAsync({ code: "busy", message: `domain '${domain.name}' is adopting or cleaning up its last backup after a (re)connect; try again` });
+      return errAsync({
+        code: "busy",
+        message: `domain '${domain.name}' is adopting or cleaning up its last backup after a (re)connect; try again`,
+      });
     const client = domain.client();
     if (client === undefined || client.runstate !== "running") {
       return errAsync({ code: "not-connected", message: `domain '${domain.name}' is not connected to QEMU` });
