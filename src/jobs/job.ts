@@ -598,6 +598,13 @@ export class BackupJob {
     const writebackErrors = pushReady ? await stopping : [];
     let stuck = await this.undo(outcome);
     if (stuck === undefined) return;
+    // "cancelled" means nothing of the job is left: what QEMU refused to give up makes it a failure, with the reason
+    if (outcome === "cancelled" && stuck.length > 0) {
+      outcome = "failed";
+      this.outcome = outcome;
+      this.errorText = `aborted by request, but QEMU refused to give up: ${stuck.join("; ")}`;
+      await this.persist();
+    }
     const closeFailed = stuck.find((s) => s.startsWith("blockdev-del"));
     if (pushReady && closeFailed !== undefined) this.errorText ??= `cannot close the target: ${closeFailed}`;
     // Ready means on disk: the targets are written out (and their directory entries) before anyone is told.
