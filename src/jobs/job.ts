@@ -622,7 +622,7 @@ export class BackupJob {
       stuck = [...stuck, ...again];
     }
     await finishRemoveFiles(this.ctx, this.disks, outcome, stuck, this.log);
-    if (await finishRollBackCheckpoint(this.ctx, outcome, this.log)) this.f.checkpointCommitted = false;
+    if (await finishRollBackCheckpoint(this.ctx, outcome, this.f.checkpointCommitted, this.log)) this.f.checkpointCommitted = false;
     // the checkpoints' evidence (dirty counts, recording state) as it stands once our temporary bitmaps are gone
     if (!this.qemuGone && this.ctx.client.runstate === "running") {
       const seen = await this.ctx.checkpoints.recordAfterBackup(this.ctx.client);
