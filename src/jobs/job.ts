@@ -298,7 +298,7 @@ export class BackupJob {
     const c = this.ctx.client;
     this.listen(c);
     const q = await readQemuState(c);
-    // an abort (end) may have taken the job over meanwhile: its finish owns it now
+    // the daemon may have stopped following the job meanwhile (detached): nothing here is ours to do
     if (this.phaseValue !== "adopting") return;
     if (q.isErr()) {
       this.log.error("cannot read QEMU's state to adopt the job; retrying at the next connect");
@@ -315,8 +315,14 @@ export class BackupJob {
     for (const [i, d] of this.disks.entries()) Object.assign(d, { ...r.disks[i]! });
     this.log.warn({ state: this.stateValue, decision: r.decision.kind }, "adopting the backup job after a restart");
     if (r.decision.kind === "finish") {
-      this.errorText ??= r.decision.reason;
-      await this.finish(r.decision.outcome);
+      // an abort asked for while adoption read QEMU cancels a begin the crash interrupted; a recorded outcome stays
+      const cancel = this.abortRequested && this.outcome === undefined && inBegin;
+      this.errorText ??= cancel ? "aborted by request" : r.decision.reason;
+      await this.finish(cancel ? "cancelled" : r.decision.outcome);
+      return;
+    }
+    if (this.abortRequested) {
+      await this.endAdopted();
       return;
     }
     for (const d of this.disks) {
@@ -332,11 +338,22 @@ export class BackupJob {
       return;
     }
     if (this.phaseValue !== "adopting") return;
+    if (this.abortRequested) {
+      await this.endAdopted();
+      return;
+    }
     this.transition(this.ctx.def.mode === "pull" ? "serving" : "running");
     void this.watch();
     void this.watchOthers();
     if (this.ctx.def.mode === "push") this.startCopying();
     void this.persist();
+  }
+
+  /** An end asked for while adopting, once the flags come from QEMU: a pull is done, a push aborted. */
+  private endAdopted(): Promise<void> {
+    if (this.ctx.def.mode === "pull") return this.finish("ready");
+    this.errorText ??= "aborted by request";
+    return this.finish("cancelled");
   }
 
   // ---------------------------------------------------------------- begin
@@ -559,9 +576,10 @@ export class BackupJob {
     });
   }
 
-  /** Pull: the caller is done; push: abort. During begin, an abort only marks the job: begin undoes it. */
+  /** Pull: the caller is done; push: abort. During begin or adoption, an end only marks the job: begin or adopt ends it. */
   end(): Promise<BackupJobInfo> {
-    if (this.phaseValue === "begin") {
+    // adopting: the flags are the record's until adoption has re-derived them from QEMU; it ends the job then
+    if (this.phaseValue === "begin" || this.phaseValue === "adopting") {
       this.abortRequested = true;
       return this.gone.then(() => this.info());
     }
