@@ -189,6 +189,14 @@ export class JobManager {
     return this.active.get(domain);
   }
 
+  /**
+   * A backup owns the domain: a job runs, a begin is being prepared, or recovery is adopting the recorded one.
+   * Checkpoint changes and domain-remove are refused meanwhile (not only once the job exists).
+   */
+  busy(domain: string): boolean {
+    return this.active.get(domain)?.active === true || this.beginning.has(domain) || this.recovering.has(domain);
+  }
+
   /** The running job's info; with `completed`, the last finished job's. */
   info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
     return this.afterRecovery(domain, () => this.infoNow(domain, opts));
