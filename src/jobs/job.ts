@@ -19,6 +19,7 @@
  * its phase outside transition().
  */
 import { existsSync } from "node:fs";
+import { setTimeout as sleep } from "node:timers/promises";
 import { err, ok, okAsync, type Result, ResultAsync } from "neverthrow";
 import { backupDefFormat } from "../conf/backup.js";
 import type { Logger } from "../log.js";
@@ -297,11 +298,17 @@ export class BackupJob {
   async adopt(): Promise<void> {
     const c = this.ctx.client;
     this.listen(c);
-    const q = await readQemuState(c);
+    let q = await readQemuState(c);
+    // no answer is no conclusion: while the connection stays up there is no "next connect" to leave the job to
+    for (let wait = 100; q.isErr() && c.runstate === "running" && this.phaseValue === "adopting"; wait = Math.min(2000, wait * 2)) {
+      this.log.warn({ error: qmpErrorMessage(q.error) }, "cannot read QEMU's state to adopt the job yet; trying again");
+      await sleep(wait);
+      q = await readQemuState(c);
+    }
     // the daemon may have stopped following the job meanwhile (detached): nothing here is ours to do
     if (this.phaseValue !== "adopting") return;
     if (q.isErr()) {
-      this.log.error("cannot read QEMU's state to adopt the job; retrying at the next connect");
+      this.log.error("the QMP connection went away while adopting the job; retrying at the next connect");
       this.detach();
       return;
     }
