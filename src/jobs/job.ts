@@ -526,8 +526,15 @@ export class BackupJob {
   }
 
   private async onConcluded(d: DiskRuntime): Promise<void> {
-    const jobs = await this.ctx.client.execute("query-jobs");
-    if (jobs.isErr()) return; // unknown: the next event, the next adoption or undo decides
+    const c = this.ctx.client;
+    let jobs = await c.execute("query-jobs");
+    // a concluded job sends no further event: no answer is asked again while the connection stays up
+    for (let wait = 100; jobs.isErr() && c.runstate === "running" && this.following(); wait = Math.min(2000, wait * 2)) {
+      this.log.warn({ error: qmpErrorMessage(jobs.error) }, "cannot read the concluded job's outcome yet; trying again");
+      await sleep(wait);
+      jobs = await c.execute("query-jobs");
+    }
+    if (jobs.isErr()) return; // the connection went away (adoption at reconnect decides), or a finish took over
     const j = jobs.value.find((x) => x.id === d.plan.jobId);
     if (j === undefined) {
       d.state = "failed";
