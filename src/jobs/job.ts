@@ -20,7 +20,7 @@
  */
 import { existsSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { err, ok, okAsync, type Result, ResultAsync } from "neverthrow";
+import { err, errAsync, ok, okAsync, type Result, ResultAsync } from "neverthrow";
 import { backupDefFormat } from "../conf/backup.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
@@ -50,6 +50,9 @@ import { checkTransition, type JobPhase, reportedState } from "./transitions.js"
 import { undoInQemu } from "./undo.js";
 
 export type { BackupJobInfo, JobEvent, JobState, NbdServerPlan } from "./model.js";
+
+/** QEMU's refusal of a command to a job that no longer runs (concluded and waiting to be dismissed, or gone). */
+const JOB_ENDED = /in state '(concluded|null|pending|waiting|aborting)'|not found|cannot find/i;
 
 const aborted = (): BackupError => ({ code: "aborted", message: "the backup was aborted by request while it was starting" });
 
@@ -501,12 +504,16 @@ export class BackupJob {
     const running = this.disks.filter((d) => d.state === "running" && d.jobStarted);
     return ResultAsync.combine(
       running.map((d) =>
-        this.ctx.client.execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond }).mapErr(
-          (e): BackupError => ({
-            code: "job-failed",
-            message: `cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`,
-          }),
-        ),
+        this.ctx.client
+          .execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond })
+          // a job that has just ended copies nothing more: nothing to throttle (its end is told by its own events)
+          .orElse((e) => (e.code === "command" && JOB_ENDED.test(e.desc) ? okAsync(undefined) : errAsync(e)))
+          .mapErr(
+            (e): BackupError => ({
+              code: "job-failed",
+              message: `cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`,
+            }),
+          ),
       ),
     ).map(() => undefined);
   }
