@@ -31,7 +31,8 @@ t.test("checkpoint changes and domain-remove during a begin's preparation are re
     checkpointXml: "<domaincheckpoint><name>c1</name></domaincheckpoint>",
   });
   await sleep(200);
-  const code = (r: unknown) => (typeof r === "object" && r !== null && "status" in r ? (r as { body: { code?: string } }).body.code : r);
+  const code = (r: unknown) =>
+    typeof r === "object" && r !== null && "status" in r ? (r as unknown as { body: { code?: string } }).body.code : r;
   const create = await within(
     2000,
     api.request("POST", "/v1/domains/vm/checkpoints", { xml: "<domaincheckpoint><name>c1</name></domaincheckpoint>" }),
