@@ -253,7 +253,7 @@ export function buildApi(deps: ApiDeps) {
   });
   app.delete<{ Params: Params }>("/v1/domains/:name", op("removeDomain"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
-    if (jobs.job(req.params.name)?.active)
+    if (jobs.busy(req.params.name))
       return sendError(reply, { code: "busy", message: `a backup is running on '${req.params.name}'; end it first` });
     return send(
       reply,
@@ -321,7 +321,7 @@ export function buildApi(deps: ApiDeps) {
     const body = req.body ?? {};
     const client = d.client();
     if (client === undefined) return sendError(reply, { code: "not-connected", message: `domain '${d.name}' is not connected to QEMU` });
-    if (jobs.job(d.name)?.active && !bool(body, "redefine")) {
+    if (jobs.busy(d.name) && !bool(body, "redefine")) {
       return sendError(reply, {
         code: "busy",
         message: `a backup is running on '${d.name}'; create the checkpoint with the backup instead`,
@@ -383,7 +383,7 @@ export function buildApi(deps: ApiDeps) {
     async (req, reply) => {
       const d = need(reply, req.params.name);
       if (d === undefined) return reply;
-      if (jobs.job(d.name)?.active)
+      if (jobs.busy(d.name))
         return sendError(reply, { code: "busy", message: `a backup is running on '${d.name}'; end it before deleting checkpoints` });
       const q = req.query;
       return send(
