@@ -96,8 +96,10 @@ export function stubApi(names: string[] = ["vm1"], running: string[] = []): Stub
     },
   } as unknown as DomainRegistry;
   const active = new Set(running);
+  // cast below: keep this list in step with every JobManager method src/api/server.ts calls
   const jobs = {
     job: (d: string) => (active.has(d) ? { active: true } : undefined),
+    busy: (d: string) => active.has(d),
     begin: (d: { name: string }, backupXml: unknown, checkpointXml: unknown, opts: unknown) => {
       calls.push(`begin ${d.name} ${JSON.stringify([backupXml, checkpointXml, opts])}`);
       return okAsync(jobInfo(d.name));
