@@ -1,19 +1,34 @@
 /** `qbackupd`: the daemon's entry point: flags, configuration, signals. Runs in the foreground (systemd style). */
 import { parseArgs } from "node:util";
-import { type ConfigFlags, loadConfig } from "../conf/config.js";
+import { type ConfigFlags, configWarnings, loadConfig } from "../conf/config.js";
 import { rootLogger } from "../log.js";
+import { packageVersion } from "../version.js";
 import { Daemon } from "./daemon.js";
 
-const USAGE = `usage: qbackupd [--config FILE] [--socket PATH] [--state-dir DIR] [--allow-dir DIR]...
+const USAGE = `usage: qbackupd [--config FILE] [--socket PATH] [--state-dir DIR] [--backup-dir DIR] [--allow-dir DIR]...
+       qbackupd --check-config FILE [flags]
+       qbackupd --version
 
 Runs in the foreground. Defaults: --config /etc/qbackupd/config.json (optional),
 --socket /run/qbackupd/qbackupd.sock, --state-dir /var/lib/qbackupd,
---allow-dir <state-dir>/backups. Flags override the configuration file.
+--backup-dir <state-dir>/backups (targets of a backup without XML),
+--allow-dir <backup-dir>. Flags override the configuration file.
+--check-config FILE validates FILE (with the other flags), prints the
+warnings start-up would print, and exits: 0 valid, 2 invalid.
 Signals: SIGHUP reloads the configuration; SIGTERM/SIGINT stop the daemon
 (backup jobs keep running inside QEMU).`;
 
 export async function main(argv: readonly string[]): Promise<number> {
-  let values: { config?: string; socket?: string; "state-dir"?: string; "allow-dir"?: string[]; help?: boolean };
+  let values: {
+    config?: string;
+    socket?: string;
+    "state-dir"?: string;
+    "backup-dir"?: string;
+    "allow-dir"?: string[];
+    "check-config"?: string;
+    help?: boolean;
+    version?: boolean;
+  };
   try {
     values = parseArgs({
       args: [...argv],
@@ -21,8 +36,11 @@ export async function main(argv: readonly string[]): Promise<number> {
         config: { type: "string" },
         socket: { type: "string" },
         "state-dir": { type: "string" },
+        "backup-dir": { type: "string" },
         "allow-dir": { type: "string", multiple: true },
+        "check-config": { type: "string" },
         help: { type: "boolean", short: "h" },
+        version: { type: "boolean", short: "V" },
       },
       strict: true,
     }).values;
@@ -34,12 +52,34 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
-  const flags: ConfigFlags = { config: values.config, socket: values.socket, stateDir: values["state-dir"], allowDir: values["allow-dir"] };
+  if (values.version) {
+    process.stdout.write(`${packageVersion()}\n`);
+    return 0;
+  }
+  const checkOnly = values["check-config"];
+  if (checkOnly !== undefined && values.config !== undefined && values.config !== checkOnly) {
+    process.stderr.write("qbackupd: --check-config names the file to check; leave out --config\n");
+    return 2;
+  }
+  const flags: ConfigFlags = {
+    config: checkOnly ?? values.config,
+    socket: values.socket,
+    stateDir: values["state-dir"],
+    backupDir: values["backup-dir"],
+    allowDir: values["allow-dir"],
+  };
   const cfg = loadConfig(flags);
   if (cfg.isErr()) {
     process.stderr.write(`qbackupd: ${cfg.error.message}\n`);
     return 2;
   }
+  const warnings = configWarnings(cfg.value);
+  if (checkOnly !== undefined) {
+    for (const w of warnings) process.stderr.write(`qbackupd: warning: ${w}\n`);
+    process.stdout.write(`${checkOnly}: configuration OK\n`);
+    return 0;
+  }
+  for (const w of warnings) rootLogger.warn({ backupDir: cfg.value.backupDir, allowDirs: cfg.value.allowDirs }, w);
   let daemon: Daemon;
   try {
     daemon = await Daemon.start(cfg.value, rootLogger);
@@ -63,7 +103,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.on("SIGHUP", () => {
       const next = loadConfig(flags);
       if (next.isErr()) rootLogger.error({ error: next.error.message }, "reload refused: configuration invalid");
-      else void daemon.reload(next.value);
+      else {
+        for (const w of configWarnings(next.value))
+          rootLogger.warn({ backupDir: next.value.backupDir, allowDirs: next.value.allowDirs }, w);
+        void daemon.reload(next.value);
+      }
     });
   });
 }
