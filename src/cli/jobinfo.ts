@@ -73,3 +73,21 @@ export function nbdExportUri(server: string, exportName: string): string {
   if (m === null) return `${server} export ${exportName}`;
   return `${m[1]}/${encodeURIComponent(exportName)}${m[3] ?? ""}`;
 }
+
+/** "1h02m", "3m05s", "42s". */
+function duration(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds));
+  if (s >= 3600) return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+  if (s >= 60) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  return `${s}s`;
+}
+
+/** One frame of `wait`'s progress bar on a terminal (starts with \r, ends with a clear-to-end-of-line). */
+export function progressBar(j: JobInfoLike): string {
+  const frac = j.bytesTotal > 0 ? Math.min(1, j.bytesDone / j.bytesTotal) : j.active ? 0 : 1;
+  const width = 30;
+  const filled = Math.round(frac * width);
+  const left = j.bytesTotal - j.bytesDone;
+  const eta = j.active && j.rate > 0 && left > 0 ? `  ETA ${duration(left / j.rate)}` : "";
+  return `\r[${"#".repeat(filled)}${"-".repeat(width - filled)}] ${(frac * 100).toFixed(0).padStart(3)}% ${sizeFormat(j.bytesDone)} / ${sizeFormat(j.bytesTotal)}  ${sizeFormat(j.rate)}/s${eta}\x1b[K`;
+}

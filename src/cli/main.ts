@@ -13,7 +13,7 @@ import { packageVersion } from "../version.js";
 import { type CheckpointRow, checkpointListSelect, checkpointTreeRender, type ListOptions, localTime } from "./checkpoint-list.js";
 import { ApiClient, type ApiReply, isCallError } from "./client.js";
 import { EXIT, exitCodeForStatus } from "./exit-codes.js";
-import { diskTarget, type JobInfoLike, jobText, jobType } from "./jobinfo.js";
+import { diskTarget, type JobInfoLike, jobText, jobType, progressBar } from "./jobinfo.js";
 import { sizeFormat, sizeParse } from "./units.js";
 
 const DEFAULT_SOCKET = "/run/qbackupd/qbackupd.sock";
@@ -114,13 +114,6 @@ function settledExit(j: JobInfoLike): number {
   return j.state === "ready" ? EXIT.ok : EXIT.failed;
 }
 
-function progressBar(j: JobInfoLike): string {
-  const frac = j.bytesTotal > 0 ? j.bytesDone / j.bytesTotal : 0;
-  const width = 30;
-  const filled = Math.round(frac * width);
-  return `\r[${"#".repeat(filled)}${"-".repeat(width - filled)}] ${(frac * 100).toFixed(0).padStart(3)}% ${sizeFormat(j.bytesDone)} / ${sizeFormat(j.bytesTotal)}  ${sizeFormat(j.rate)}/s `;
-}
-
 const settledText = (j: JobInfoLike) => `backup ${j.state}${j.error ? `: ${j.error}` : ""} (job ${j.id})\n`;
 
 /**
@@ -158,7 +151,8 @@ async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined, 
       }
       const j = done.body as JobInfoLike;
       if (job !== undefined && j.id !== job) throw notThatJob(running?.id ?? j.id);
-      if (drawn) process.stdout.write("\n");
+      // the bar's last frame is the finished job's, not the last one polled (91% before "backup ready")
+      if (drawn) process.stdout.write(`${progressBar(j)}\n`);
       out(ctx, j, () => settledText(j));
       return settledExit(j);
     }

@@ -5,7 +5,7 @@
  */
 import t from "tap";
 import { type CheckpointRow, checkpointListSelect, checkpointTreeRender, localTime } from "../../src/cli/checkpoint-list.js";
-import { type JobInfoLike, jobText, nbdExportUri } from "../../src/cli/jobinfo.js";
+import { type JobInfoLike, jobText, nbdExportUri, progressBar } from "../../src/cli/jobinfo.js";
 import { sizeFormat, sizeParse } from "../../src/cli/units.js";
 import { configWarnings, parseConfig } from "../../src/conf/config.js";
 
@@ -64,6 +64,15 @@ t.test("domjobinfo: virsh's rows first, Job type None without a job", async (t) 
     jobText({ ...job, mode: "pull", nbd: "nbd://h:1", disks: [{ ...job.disks[0]!, exportName: "vda" }] }),
     /Disk vda:.* nbd:\/\/h:1\/vda/,
   );
+});
+
+t.test("progress bar: an ETA while running, full once finished", async (t) => {
+  t.equal(progressBar(job), `\r[########----------------------]  25% 4.000 MiB / 16.000 MiB  1.000 MiB/s  ETA 12s\x1b[K`);
+  t.match(progressBar({ ...job, rate: 16 << 10 }), /ETA 12m48s/);
+  t.match(progressBar({ ...job, rate: 1 << 10, bytesTotal: 64 << 20 }), /ETA 17h04m/);
+  const done = { ...job, active: false, state: "ready", bytesDone: 16 << 20 };
+  t.equal(progressBar(done), `\r[##############################] 100% 16.000 MiB / 16.000 MiB  1.000 MiB/s\x1b[K`);
+  t.match(progressBar({ ...job, active: false, state: "ready", bytesDone: 0, bytesTotal: 0 }), / 100% /, "nothing to copy: done");
 });
 
 // r ─ a ─ c         (r has children a, b; a has child c; z is another root without children)
