@@ -12,7 +12,8 @@ import { escapeText } from "../conf/escape.js";
 import { packageVersion } from "../version.js";
 import { type CheckpointRow, checkpointListSelect, checkpointTreeRender, type ListOptions, localTime } from "./checkpoint-list.js";
 import { ApiClient, type ApiReply, isCallError } from "./client.js";
-import { EXIT, exitCodeForStatus } from "./exit-codes.js";
+import { bashCompletion, manPage } from "./docs.js";
+import { EXIT, EXIT_MEANING, exitCodeForStatus } from "./exit-codes.js";
 import { diskTarget, type JobInfoLike, jobText, jobType, progressBar } from "./jobinfo.js";
 import { sizeFormat, sizeParse } from "./units.js";
 
@@ -522,6 +523,21 @@ export function buildCli(setExit: (code: number) => void): Command {
         o.timeout === undefined ? undefined : o.timeout * 1000,
       );
       if (e !== undefined) throw new CliFailure(e.message, EXIT.unavailable, e.code);
+    });
+  program
+    .command("completion <shell>")
+    .description(
+      "print a completion script (bash), generated from these definitions: source it, or install it in /usr/share/bash-completion/completions/qbackup",
+    )
+    .action((shell: string) => {
+      if (shell !== "bash") throw new CliFailure(`no completion for '${shell}' (bash only)`, EXIT.usage);
+      process.stdout.write(bashCompletion(program));
+    });
+  program
+    .command("manpage")
+    .description("print the man page (roff), generated from these definitions: man -l <(qbackup manpage)")
+    .action(() => {
+      process.stdout.write(manPage(program, packageVersion(), EXIT_MEANING));
     });
   return program;
 }
