@@ -60,7 +60,7 @@ t.test("man page: every verb and option; groff renders it without warnings", asy
     groff = false;
   }
   if (!groff) {
-    t.skip("groff is not installed");
+    t.comment("groff is not installed: rendering not checked");
     return;
   }
   const warnings = execFileSync("groff", ["-man", "-Tutf8", "-ww", "-z"], {
@@ -69,7 +69,7 @@ t.test("man page: every verb and option; groff renders it without warnings", asy
     stdio: ["pipe", "pipe", "pipe"],
   });
   t.equal(warnings, "");
-  const text = execFileSync("groff", ["-man", "-Tascii"], { input: page, encoding: "utf8" });
-  // overstrike (bold) removed
-  t.match(text.replace(/.\x08/g, ""), /qbackup checkpoint-list \[options\] <domain>/);
+  // -P-c: no overstrike (bold as backspaces) in the text
+  const text = execFileSync("groff", ["-man", "-Tascii", "-P-c", "-P-b", "-P-u"], { input: page, encoding: "utf8" });
+  t.match(text, /qbackup checkpoint-list \[options\] <domain>/);
 });
