@@ -4,19 +4,9 @@ import { type ConfigFlags, configWarnings, loadConfig } from "../conf/config.js"
 import { rootLogger } from "../log.js";
 import { packageVersion } from "../version.js";
 import { Daemon } from "./daemon.js";
+import { daemonManPage, daemonParseOptions, daemonUsage } from "./flags.js";
 
-const USAGE = `usage: qbackupd [--config FILE] [--socket PATH] [--state-dir DIR] [--backup-dir DIR] [--allow-dir DIR]...
-       qbackupd --check-config FILE [flags]
-       qbackupd --version
-
-Runs in the foreground. Defaults: --config /etc/qbackupd/config.json (optional),
---socket /run/qbackupd/qbackupd.sock, --state-dir /var/lib/qbackupd,
---backup-dir <state-dir>/backups (targets of a backup without XML),
---allow-dir <backup-dir>. Flags override the configuration file.
---check-config FILE validates FILE (with the other flags), prints the
-warnings start-up would print, and exits: 0 valid, 2 invalid.
-Signals: SIGHUP reloads the configuration; SIGTERM/SIGINT stop the daemon
-(backup jobs keep running inside QEMU).`;
+const USAGE = daemonUsage();
 
 export async function main(argv: readonly string[]): Promise<number> {
   let values: {
@@ -26,22 +16,14 @@ export async function main(argv: readonly string[]): Promise<number> {
     "backup-dir"?: string;
     "allow-dir"?: string[];
     "check-config"?: string;
+    manpage?: boolean;
     help?: boolean;
     version?: boolean;
   };
   try {
     values = parseArgs({
       args: [...argv],
-      options: {
-        config: { type: "string" },
-        socket: { type: "string" },
-        "state-dir": { type: "string" },
-        "backup-dir": { type: "string" },
-        "allow-dir": { type: "string", multiple: true },
-        "check-config": { type: "string" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean", short: "V" },
-      },
+      options: daemonParseOptions(),
       strict: true,
     }).values;
   } catch (e) {
@@ -50,6 +32,10 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
   if (values.help) {
     process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  if (values.manpage) {
+    process.stdout.write(daemonManPage(packageVersion()));
     return 0;
   }
   if (values.version) {

@@ -8,6 +8,7 @@ import t from "tap";
 import { bashCompletion, manPage } from "../../src/cli/docs.js";
 import { EXIT_MEANING } from "../../src/cli/exit-codes.js";
 import { buildCli } from "../../src/cli/main.js";
+import { DAEMON_FLAGS, daemonManPage, daemonParseOptions, daemonUsage } from "../../src/daemon/flags.js";
 
 const program = buildCli(() => {});
 const script = bashCompletion(program);
@@ -72,4 +73,27 @@ t.test("man page: every verb and option; groff renders it without warnings", asy
   // -P-c: no overstrike (bold as backspaces) in the text
   const text = execFileSync("groff", ["-man", "-Tascii", "-P-c", "-P-b", "-P-u"], { input: page, encoding: "utf8" });
   t.match(text, /qbackup checkpoint-list \[options\] <domain>/);
+});
+
+t.test("qbackupd: parser, usage and man page from one table of flags", async (t) => {
+  const opts = daemonParseOptions();
+  t.same(Object.keys(opts).sort(), DAEMON_FLAGS.map((f) => f.name).sort());
+  t.match(opts, {
+    "allow-dir": { type: "string", multiple: true },
+    "backup-dir": { type: "string" },
+    version: { type: "boolean", short: "V" },
+  });
+  const usage = daemonUsage();
+  const page = daemonManPage("9.9.9");
+  for (const f of DAEMON_FLAGS) {
+    t.match(usage, `--${f.name}`);
+    t.match(page, `\\-\\-${f.name.replace(/-/g, "\\-")}`);
+  }
+  try {
+    execFileSync("groff", ["--version"], { stdio: "ignore" });
+  } catch {
+    t.comment("groff is not installed: rendering not checked");
+    return;
+  }
+  t.equal(execFileSync("groff", ["-man", "-Tutf8", "-ww", "-z"], { input: page, encoding: "utf8", stdio: ["pipe", "pipe", "pipe"] }), "");
 });
