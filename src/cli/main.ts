@@ -178,6 +178,8 @@ async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined, 
 
 /** Set by main() from the raw arguments, before commander parses them (its own errors come first). */
 let jsonErrors = false;
+/** The raw arguments: commander folds --leaves and --no-leaves into one value, virsh applies both. */
+let rawArgs: readonly string[] = [];
 
 export function buildCli(setExit: (code: number) => void): Command {
   const program = new Command("qbackup");
@@ -390,13 +392,14 @@ export function buildCli(setExit: (code: number) => void): Command {
     .option("--from <name>", "children of this checkpoint")
     .option("--descendants", "with --from: all levels, not only children")
     .action(async (domain: string, o: Record<string, boolean | string | undefined>) => {
-      // commander folds --leaves/--no-leaves into one "leaves" (true/false/unset)
+      // commander folds --leaves/--no-leaves into one "leaves" (the last wins); virsh applies both filters
+      const both = rawArgs.includes("--leaves") && rawArgs.includes("--no-leaves");
       const opts: ListOptions = {
         name: o.name === true,
         tree: o.tree === true,
         roots: o.roots === true,
-        leaves: o.leaves === true,
-        noLeaves: o.leaves === false,
+        leaves: o.leaves === true || both,
+        noLeaves: o.leaves === false || both,
         topological: o.topological === true,
         parent: o.parent === true,
         from: typeof o.from === "string" ? o.from : undefined,
@@ -545,6 +548,7 @@ export function buildCli(setExit: (code: number) => void): Command {
 export async function main(argv: readonly string[]): Promise<number> {
   let code: number = EXIT.ok;
   jsonErrors = argv.includes("--json");
+  rawArgs = argv;
   const fail = (e: { code: string; message: string }) =>
     process.stderr.write(jsonErrors ? `${JSON.stringify({ code: e.code, message: e.message })}\n` : `qbackup: ${e.message}\n`);
   const program = buildCli((c) => {

@@ -106,6 +106,7 @@ t.test("a domain: jobinfo, checkpoints, units, wait --job, set-bandwidth, events
   t.equal((await ok("checkpoint-list", "vm1", "--name", "--no-leaves")).stdout, "b\n");
   t.equal((await ok("checkpoint-list", "vm1", "--name", "--from", "b", "--leaves")).stdout, "a\n");
   t.equal((await ok("checkpoint-list", "vm1", "--name", "--from", "b", "--no-leaves")).stdout, "");
+  t.equal((await ok("checkpoint-list", "vm1", "--name", "--leaves", "--no-leaves")).stdout, "", "both filters: nothing, as virsh's flags");
   // virsh refuses what it cannot combine
   const dsc = await q("checkpoint-list", "vm1", "--descendants");
   t.equal(dsc.code, 2);
