@@ -10,7 +10,7 @@
 # Paths must be the same inside and outside: QEMU opens the target files the
 # daemon names, so mount backup directories at identical paths.
 
-FROM node:20-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /src
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
@@ -18,7 +18,7 @@ COPY tsconfig.json ./
 COPY src ./src
 RUN npm run build && npm prune --omit=dev
 
-FROM node:20-bookworm-slim
+FROM node:24-bookworm-slim
 # Nothing from QEMU is needed in here: QEMU formats target and scratch images itself (blockdev-create).
 WORKDIR /opt/qbackupd
 COPY --from=build /src/package.json ./

@@ -18,8 +18,10 @@ const TOOLS = {
   nbdcopy: "libnbd-bin",
   xmllint: "libxml2-utils",
   openssl: "openssl",
+  // checks the metrics exposition and the example alert rules (test/unit/metrics.test.ts)
+  promtool: "prometheus",
 };
-const APT = ["qemu-system-x86", "qemu-utils", "libnbd-bin", "libxml2-utils", "openssl"];
+const APT = ["qemu-system-x86", "qemu-utils", "libnbd-bin", "libxml2-utils", "openssl", "prometheus"];
 
 function have(cmd) {
   return spawnSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" }).status === 0;
@@ -50,6 +52,24 @@ if (missing.length > 0) {
     const pkgs = [...new Set(missing.map((c) => TOOLS[c]))].join(" ");
     console.error(`qbackupd: missing ${missing.join(", ")}; install them with: apt-get install -y --no-install-recommends ${pkgs}`);
     process.exit(1);
+  }
+}
+// systemd-analyze scores the unit's hardening (test/unit/systemd-hardening.test.ts);
+// no running systemd is needed, only the package's tools. Optional: without it
+// that test is skipped, and .ci/run counts a skip as not passed.
+if (!have("systemd-analyze")) {
+  const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
+  if (isRoot && have("apt-get")) {
+    console.error("qbackupd: installing systemd (for systemd-analyze security)…");
+    const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
+    spawnSync("apt-get", ["update", "-q"], { env, stdio: ["ignore", "ignore", "inherit"] });
+    const r = spawnSync("apt-get", ["install", "-y", "-q", "--no-install-recommends", "systemd"], {
+      env,
+      stdio: ["ignore", "ignore", "inherit"],
+    });
+    if (r.status !== 0) console.error("qbackupd: could not install systemd; the unit's exposure test will be skipped");
+  } else {
+    console.error("qbackupd: no systemd-analyze (apt-get install systemd); the unit's exposure test will be skipped");
   }
 }
 try {
@@ -139,5 +159,58 @@ if (fetchQemu10()) {
   if (v.status !== 0) {
     console.error(`qbackupd: the extracted QEMU 10.0 does not run (${v.stderr.trim().split("\n")[0]}); removing it`);
     rmSync(q10, { recursive: true, force: true });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The Node.js matrix: Node.js 24 LTS (the runtime the Dockerfile and the unit
+// ship on) besides the machine's own node. The npm registry's `node@24`
+// package carries no binary: its preinstall script installs
+// `node-linux-<arch>@<same version>`, whose tarball holds bin/node. We fetch
+// that package directly with `npm pack` (no install script runs, so npm's
+// allowScripts policy cannot skip it, and nothing but the npm registry is
+// asked) and unpack it under the cache directory. scripts/test-matrix.mjs
+// runs the unit layer and one QEMU layer with its bin/ first on PATH.
+// QBACKUPD_NODE_MATRIX=system skips it.
+// ---------------------------------------------------------------------------
+const NODE24_VERSION = "24.21.0";
+const n24 = join(cacheRoot, `node-${NODE24_VERSION}`);
+
+function fetchNode24() {
+  const bin = join(n24, "bin", "node");
+  if (existsSync(bin)) return true;
+  if (process.env.QBACKUPD_NODE_MATRIX === "system") return false;
+  const pkg = `node-${process.platform}-${process.arch}@${NODE24_VERSION}`;
+  console.error(`qbackupd: fetching Node.js ${NODE24_VERSION} (npm package ${pkg}) into ${n24}…`);
+  const tmp = `${n24}.tmp-${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  mkdirSync(tmp, { recursive: true });
+  const packed = spawnSync("npm", ["pack", pkg, "--pack-destination", tmp, "--silent"], {
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const tgz = packed.stdout?.trim().split("\n").at(-1);
+  if (packed.status !== 0 || !tgz) {
+    console.error(`qbackupd: npm pack ${pkg} failed; the suite runs on this machine's node only`);
+    rmSync(tmp, { recursive: true, force: true });
+    return false;
+  }
+  const x = spawnSync("tar", ["-xzf", join(tmp, tgz), "-C", tmp, "--strip-components=1"], { stdio: "inherit" });
+  rmSync(join(tmp, tgz), { force: true });
+  if (x.status !== 0 || !existsSync(join(tmp, "bin", "node"))) {
+    console.error(`qbackupd: ${pkg} did not unpack to bin/node; the suite runs on this machine's node only`);
+    rmSync(tmp, { recursive: true, force: true });
+    return false;
+  }
+  rmSync(n24, { recursive: true, force: true });
+  renameSync(tmp, n24);
+  return true;
+}
+
+if (fetchNode24()) {
+  const v = spawnSync(join(n24, "bin", "node"), ["--version"], { encoding: "utf8" });
+  if (v.status !== 0 || v.stdout.trim() !== `v${NODE24_VERSION}`) {
+    console.error(`qbackupd: the fetched Node.js ${NODE24_VERSION} does not run (${(v.stderr ?? "").trim().split("\n")[0]}); removing it`);
+    rmSync(n24, { recursive: true, force: true });
   }
 }

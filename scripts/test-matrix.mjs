@@ -10,10 +10,18 @@
 // real QEMU). Without arguments the unit layer runs once, first, and the
 // QEMU layer once per QEMU; with arguments (test files, tap options) every
 // run gets them as they are.
+// Node.js: the runs above use the node on PATH (this machine's default,
+// Node 20); then, when scripts/ensure-env.mjs fetched Node.js 24 LTS (the
+// runtime the Dockerfile and the systemd unit ship on) under the cache
+// directory, the unit layer and the QEMU layer of the newest QEMU run once
+// more with its bin/ first on PATH, so tap, the tests and the daemon they
+// start all run on it. QBACKUPD_NODE_MATRIX=system leaves that leg out. To
+// run files on Node 24 by hand:
+//   PATH=~/.cache/qbackupd/node-24.21.0/bin:$PATH npx tap test/unit/foo.test.ts
 // Each run says what it tested; the last line is tap's summary format with
 // the totals of all runs, which .ci/run reads.
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { delimiter, join } from "node:path";
 
 const cacheRoot = process.env.QBACKUPD_CACHE ?? join(process.env.HOME ?? "/root", ".cache", "qbackupd");
@@ -54,20 +62,51 @@ function tap(label, tapArgs, env) {
   });
 }
 
-function runQemu(bin) {
+/** Node.js 24's bin directory as ensure-env.mjs left it (the newest node-24.* there), or undefined. */
+function node24Bin() {
+  if (process.env.QBACKUPD_NODE_MATRIX === "system" || !existsSync(cacheRoot)) return undefined;
+  const dirs = readdirSync(cacheRoot)
+    .filter((d) => /^node-24\.\d+\.\d+$/.test(d) && existsSync(join(cacheRoot, d, "bin", "node")))
+    .sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
+  return dirs.length > 0 ? join(cacheRoot, dirs.at(-1), "bin") : undefined;
+}
+
+/** The environment of a run on the node in nodeBin (undefined: the node on PATH). */
+function withNode(env, nodeBin) {
+  return nodeBin === undefined ? env : { ...env, PATH: `${nodeBin}${delimiter}${env.PATH ?? ""}` };
+}
+
+function nodeVersion(env) {
+  return spawnSync("node", ["--version"], { env, encoding: "utf8" }).stdout?.trim() ?? "unknown";
+}
+
+function runUnit(nodeBin) {
+  const env = withNode(process.env, nodeBin);
+  const node = nodeVersion(env);
+  console.log(`# ==== unit tests (no QEMU), Node ${node} ====`);
+  return tap(`unit, Node ${node}`, ["-j", "4", "test/unit/**/*.test.ts"], env);
+}
+
+function runQemu(bin, nodeBin) {
   const version = versionOf(bin);
-  const env = { ...process.env, QBACKUPD_QEMU_BIN: bin, QBACKUPD_QEMU_VERSION: version };
-  if (bin !== "system") env.PATH = `${bin}${delimiter}${process.env.PATH ?? ""}`;
-  console.log(`# ==== QEMU ${version} (${bin === "system" ? "system, on PATH" : bin}) ====`);
-  return tap(`QEMU ${version}`, args.length > 0 ? args : ["test/qemu/**/*.test.ts"], env);
+  const base = { ...process.env, QBACKUPD_QEMU_BIN: bin, QBACKUPD_QEMU_VERSION: version };
+  if (bin !== "system") base.PATH = `${bin}${delimiter}${process.env.PATH ?? ""}`;
+  const env = withNode(base, nodeBin);
+  const node = nodeVersion(env);
+  console.log(`# ==== QEMU ${version} (${bin === "system" ? "system, on PATH" : bin}), Node ${node} ====`);
+  return tap(`QEMU ${version}, Node ${node}`, args.length > 0 ? args : ["test/qemu/**/*.test.ts"], env);
 }
 
 const results = [];
-if (args.length === 0) {
-  console.log("# ==== unit tests (no QEMU) ====");
-  results.push(await tap("unit", ["-j", "4", "test/unit/**/*.test.ts"], process.env));
+if (args.length === 0) results.push(await runUnit(undefined));
+for (const bin of bins) results.push(await runQemu(bin, undefined));
+const n24 = args.length === 0 ? node24Bin() : undefined;
+if (n24 !== undefined && nodeVersion(process.env).startsWith("v24.")) {
+  console.log("# note: the node on PATH is already Node 24; no second Node leg");
+} else if (n24 !== undefined) {
+  results.push(await runUnit(n24));
+  results.push(await runQemu(bins.at(-1), n24));
 }
-for (const bin of bins) results.push(await runQemu(bin));
 let total = 0;
 let pass = 0;
 for (const r of results) {
@@ -77,5 +116,9 @@ for (const r of results) {
   pass += r.pass;
 }
 if (bins.length < 2 && !chosen) console.log("# note: only the system's QEMU was available; QEMU 10.0 was not fetched");
+if (args.length === 0 && n24 === undefined) {
+  const why = process.env.QBACKUPD_NODE_MATRIX === "system" ? "left out (QBACKUPD_NODE_MATRIX=system)" : "not fetched";
+  console.log(`# note: Node.js 24 was ${why}; the suite ran on this machine's node only`);
+}
 console.log(`# { total: ${total}, pass: ${pass}, fail: ${total - pass} }`);
 process.exit(results.every((r) => r.ok) ? 0 : 1);

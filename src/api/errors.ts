@@ -14,6 +14,10 @@ export type ApiError =
   | { readonly code: "unknown-domain"; readonly message: string }
   | { readonly code: "bad-request"; readonly message: string }
   | { readonly code: "too-large"; readonly message: string }
+  /** A wrong method on a known path (the answer carries Allow). */
+  | { readonly code: "method-not-allowed"; readonly message: string }
+  /** A body that is not application/json. */
+  | { readonly code: "unsupported-media-type"; readonly message: string }
   | { readonly code: "internal"; readonly message: string };
 
 export type ApiErrorCode = ApiError["code"];
@@ -41,8 +45,12 @@ export function httpStatus(code: ApiErrorCode): number {
     case "bitmap-missing":
     case "checkpoint-invalid":
       return 409;
+    case "method-not-allowed":
+      return 405;
     case "too-large":
       return 413;
+    case "unsupported-media-type":
+      return 415;
     case "unsupported":
       return 422;
     case "qmp":

@@ -12,12 +12,15 @@ import { type Result, ResultAsync } from "neverthrow";
 import { byAge, descendants, leaves, renderTree, roots, topological } from "../checkpoints/tree.js";
 import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import { parseDomainConfig } from "../conf/config.js";
+import { checkName, MAX_NAME_BYTES } from "../conf/names.js";
 import type { Domain, DomainEvent, DomainRegistry } from "../daemon/domains.js";
 import type { Metrics } from "../daemon/metrics.js";
 import type { JobManager } from "../jobs/manager.js";
 import type { JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import { type ApiError, errorBody, httpStatus } from "./errors.js";
+import { DebugRequestLog } from "./request-log.js";
+import { operations, routePath, routeSchema } from "./schemas.js";
 
 export interface ApiDeps {
   readonly domains: DomainRegistry;
@@ -30,7 +33,7 @@ export interface ApiDeps {
   readonly version: string;
 }
 
-type Params = { name: string; cp: string };
+type Params = { name: string; checkpoint: string };
 type Query = Record<string, string | undefined>;
 
 function flag(q: Query, k: string): boolean {
@@ -100,11 +103,62 @@ export function domainJson(d: Domain) {
 
 export type ApiServer = ReturnType<typeof buildApi>;
 
+/** Route options of an operation of api/schemas.ts: its validation schemas, and its id for the onRoute check in buildApi. */
+function op(operationId: string) {
+  const o = operations.find((x) => x.operationId === operationId);
+  if (o === undefined) throw new Error(`api/schemas.ts has no operation ${operationId}`);
+  return { schema: routeSchema(o), config: { operationId } };
+}
+
+/** Which name a validated field holds, for the name rule's own message. */
+const NAME_FIELDS: Readonly<Record<string, string>> = {
+  name: "domain name",
+  domain: "domain name",
+  checkpoint: "checkpoint name",
+  descendants: "checkpoint name",
+};
+
+/**
+ * A name refused by the schema's pattern or length gets the message of
+ * conf/names.ts (which rule broke) instead of the validator's "must match
+ * pattern …".
+ */
+function nameRuleMessage(error: Error, req: { params: unknown; query: unknown; body: unknown }): string | undefined {
+  const v = error as Error & { validation?: { instancePath: string; keyword: string }[]; validationContext?: string };
+  const first = v.validation?.[0];
+  if (first === undefined || !["pattern", "minLength", "maxLength"].includes(first.keyword)) return undefined;
+  const field = first.instancePath.split("/").pop() ?? "";
+  const what = NAME_FIELDS[field];
+  const part = v.validationContext === "params" ? req.params : v.validationContext === "querystring" ? req.query : req.body;
+  const value = (part as Record<string, unknown> | undefined)?.[field];
+  if (what === undefined || typeof value !== "string") return undefined;
+  const r = checkName(value, what);
+  return r.isErr() ? `${v.validationContext}/${field}: ${r.error.message}` : undefined;
+}
+
+/** The methods of the documented operations whose path matches `path` (for 405 and its Allow header). */
+function allowedMethods(path: string): string[] {
+  const methods = operations
+    .filter((o) => new RegExp(`^${o.path.replace(/\{\w+\}/g, "[^/]+")}$`).test(path))
+    .map((o) => o.method as string);
+  if (methods.includes("GET")) methods.push("HEAD");
+  return [...new Set(methods)].sort();
+}
+
 export function buildApi(deps: ApiDeps) {
   const { domains, jobs } = deps;
   const app = Fastify({
     loggerInstance: deps.logger,
     bodyLimit: deps.maxBodyBytes,
+    routerOptions: {
+      // names up to the limit reach their route whatever a client percent-encodes; longer ones get the 400 below
+      maxParamLength: 3 * MAX_NAME_BYTES,
+    },
+    // Validation against api/schemas.ts, strict: no coercion (a JSON 123 is not the string "123"; query values stay
+    // strings), nothing removed or defaulted behind the caller's back (unknown keys are refused).
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
+    // the router's own refusals (a path parameter too long, a malformed URL) in the stable error body
+    frameworkErrors: (error, _req, reply) => sendError(reply, { code: "bad-request", message: error.message }),
     genReqId: () => randomUUID(),
     // a slow or stuck client cannot hold a request open forever
     requestTimeout: 60_000,
@@ -112,24 +166,55 @@ export function buildApi(deps: ApiDeps) {
     keepAliveTimeout: 5_000,
     // on stop, do not wait for open event streams or keep-alive clients
     forceCloseConnections: true,
+    // fastify's own two lines per request, at debug
+    logController: new DebugRequestLog(),
   });
 
-  app.addHook("onRequest", async (req) => {
+  app.addHook("onRequest", async () => {
     deps.metrics.onRequest();
-    req.log.debug({ method: req.method, url: req.url }, "request");
   });
   app.setErrorHandler((error: Error & { statusCode?: number; code?: string }, req, reply) => {
     if (error.code === "FST_ERR_CTP_BODY_TOO_LARGE")
       return sendError(reply, { code: "too-large", message: `request body larger than ${deps.maxBodyBytes} bytes` });
+    if (error.statusCode === 415)
+      return sendError(reply, { code: "unsupported-media-type", message: "request bodies are application/json" });
     if (error.statusCode !== undefined && error.statusCode < 500) {
-      return sendError(reply, { code: "bad-request", message: error.message });
+      return sendError(reply, { code: "bad-request", message: nameRuleMessage(error, req) ?? error.message });
     }
     req.log.error({ err: error }, "request failed");
     return sendError(reply, { code: "internal", message: "internal error (see the daemon's log)" });
   });
-  app.setNotFoundHandler((req, reply) =>
-    reply.code(404).send({ code: "not-found", message: `no route ${req.method} ${req.url.split("?")[0]}` }),
-  );
+  app.setNotFoundHandler((req, reply) => {
+    const path = req.url.split("?")[0] ?? "";
+    const allow = allowedMethods(path);
+    if (allow.length > 0)
+      return sendError(reply.header("allow", allow.join(", ")), {
+        code: "method-not-allowed",
+        message: `${req.method} is not allowed on ${path}; allowed: ${allow.join(", ")}`,
+      });
+    return reply.code(404).send({ code: "not-found", message: `no route ${req.method} ${path}` });
+  });
+
+  /**
+   * What makes the routes keep api/schemas.ts: every route is a documented
+   * operation at its documented method and path (checked as routes are added,
+   * so a route added without its operation fails at start); bodies are JSON
+   * only (fastify's text/plain parser removed: other types answer 415); an
+   * optional body that is absent is validated as {}.
+   */
+  app.removeContentTypeParser("text/plain");
+  app.addHook("onRoute", (r) => {
+    if (r.method === "HEAD") return;
+    const id = (r.config as { operationId?: string } | undefined)?.operationId;
+    const o = operations.find((x) => x.operationId === id);
+    if (o === undefined || o.method !== r.method || routePath(o.path) !== r.url)
+      throw new Error(`route ${String(r.method)} ${r.url} is not the operation ${id ?? "(none)"} of api/schemas.ts`);
+  });
+  app.addHook("preValidation", async (req) => {
+    const id = (req.routeOptions.config as { operationId?: string }).operationId;
+    const o = operations.find((x) => x.operationId === id);
+    if (req.body === undefined && o?.body?.required === false) req.body = {};
+  });
 
   const need = (reply: FastifyReply, name: string): Domain | undefined => {
     const d = domains.get(name);
@@ -138,20 +223,20 @@ export function buildApi(deps: ApiDeps) {
   };
 
   // ---- service
-  app.get("/v1/health", async () => ({ status: "ok", version: deps.version, domains: domains.list().length }));
-  app.get("/v1/metrics", async (_req, reply) =>
+  app.get("/v1/health", op("getHealth"), async () => ({ status: "ok", version: deps.version, domains: domains.list().length }));
+  app.get("/v1/metrics", op("getMetrics"), async (_req, reply) =>
     reply
       .type("text/plain; version=0.0.4")
       .send(deps.metrics.render(domains, domains.list().filter((d) => jobs.job(d.name)?.active).length)),
   );
 
   // ---- domains
-  app.get("/v1/domains", async () => domains.list().map(domainJson));
-  app.get<{ Params: Params }>("/v1/domains/:name", async (req, reply) => {
+  app.get("/v1/domains", op("listDomains"), async () => domains.list().map(domainJson));
+  app.get<{ Params: Params }>("/v1/domains/:name", op("getDomain"), async (req, reply) => {
     const d = need(reply, req.params.name);
     return d === undefined ? reply : domainJson(d);
   });
-  app.post<{ Querystring: Query }>("/v1/domains", async (req, reply) => {
+  app.post<{ Querystring: Query }>("/v1/domains", op("registerDomain"), async (req, reply) => {
     // ?wait=SECONDS: answer once the domain is connected, or its first connect attempt failed
     const wait = req.query.wait === undefined ? 0 : Number(req.query.wait);
     if (!Number.isFinite(wait) || wait < 0 || wait > 300)
@@ -166,9 +251,9 @@ export function buildApi(deps: ApiDeps) {
       201,
     );
   });
-  app.delete<{ Params: Params }>("/v1/domains/:name", async (req, reply) => {
+  app.delete<{ Params: Params }>("/v1/domains/:name", op("removeDomain"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
-    if (jobs.job(req.params.name)?.active)
+    if (jobs.busy(req.params.name))
       return sendError(reply, { code: "busy", message: `a backup is running on '${req.params.name}'; end it first` });
     return send(
       reply,
@@ -177,7 +262,7 @@ export function buildApi(deps: ApiDeps) {
   });
 
   // ---- backups
-  app.post<{ Params: Params }>("/v1/domains/:name/backup", async (req, reply) => {
+  app.post<{ Params: Params }>("/v1/domains/:name/backup", op("beginBackup"), async (req, reply) => {
     const d = need(reply, req.params.name);
     if (d === undefined) return reply;
     const body = req.body ?? {};
@@ -198,23 +283,23 @@ export function buildApi(deps: ApiDeps) {
       201,
     );
   });
-  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/backup", async (req, reply) => {
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/backup", op("getBackup"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
     return send(reply, jobs.info(req.params.name, { completed: flag(req.query, "completed") }));
   });
-  app.get<{ Params: Params }>("/v1/domains/:name/backup/xml", async (req, reply) => {
+  app.get<{ Params: Params }>("/v1/domains/:name/backup/xml", op("getBackupXml"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
     const r = await jobs.xml(req.params.name);
     return r.isErr() ? sendError(reply, r.error) : reply.type("application/xml").send(r.value);
   });
-  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/backup/wait", async (req, reply) => {
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/backup/wait", op("waitBackup"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
     const t = req.query.timeout === undefined ? 50 : Number(req.query.timeout);
     if (!Number.isFinite(t) || t < 0 || t > 3600)
       return sendError(reply, { code: "bad-request", message: "timeout must be seconds from 0 to 3600" });
     return send(reply, jobs.wait(req.params.name, t * 1000));
   });
-  app.put<{ Params: Params }>("/v1/domains/:name/backup/bandwidth", async (req, reply) => {
+  app.put<{ Params: Params }>("/v1/domains/:name/backup/bandwidth", op("setBackupBandwidth"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
     const bw = (req.body as Record<string, unknown> | undefined)?.bandwidth;
     if (typeof bw !== "number" || !Number.isInteger(bw) || bw < 0)
@@ -224,19 +309,19 @@ export function buildApi(deps: ApiDeps) {
       jobs.setBandwidth(req.params.name, bw).map(() => ({ bandwidth: bw })),
     );
   });
-  app.delete<{ Params: Params }>("/v1/domains/:name/backup", async (req, reply) => {
+  app.delete<{ Params: Params }>("/v1/domains/:name/backup", op("endBackup"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
     return send(reply, jobs.end(req.params.name));
   });
 
   // ---- checkpoints
-  app.post<{ Params: Params }>("/v1/domains/:name/checkpoints", async (req, reply) => {
+  app.post<{ Params: Params }>("/v1/domains/:name/checkpoints", op("createCheckpoint"), async (req, reply) => {
     const d = need(reply, req.params.name);
     if (d === undefined) return reply;
     const body = req.body ?? {};
     const client = d.client();
     if (client === undefined) return sendError(reply, { code: "not-connected", message: `domain '${d.name}' is not connected to QEMU` });
-    if (jobs.job(d.name)?.active && !bool(body, "redefine")) {
+    if (jobs.busy(d.name) && !bool(body, "redefine")) {
       return sendError(reply, {
         code: "busy",
         message: `a backup is running on '${d.name}'; create the checkpoint with the backup instead`,
@@ -255,7 +340,7 @@ export function buildApi(deps: ApiDeps) {
       201,
     );
   });
-  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints", async (req, reply) => {
+  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints", op("listCheckpoints"), async (req, reply) => {
     const d = need(reply, req.params.name);
     if (d === undefined) return reply;
     await checkpointsCheck(d);
@@ -273,41 +358,49 @@ export function buildApi(deps: ApiDeps) {
     if (flag(q, "roots") && flag(q, "topological")) list = topological(all).filter((c) => list.includes(c));
     return list.map((c) => checkpointJson(d, c));
   });
-  app.get<{ Params: Params }>("/v1/domains/:name/checkpoints/:cp", async (req, reply) => {
+  app.get<{ Params: Params }>("/v1/domains/:name/checkpoints/:checkpoint", op("getCheckpoint"), async (req, reply) => {
     const d = need(reply, req.params.name);
     if (d === undefined) return reply;
     await checkpointsCheck(d);
-    const c = d.checkpoints.store.get(req.params.cp);
+    const c = d.checkpoints.store.get(req.params.checkpoint);
     if (c === undefined)
-      return sendError(reply, { code: "not-found", message: `checkpoint '${req.params.cp}' does not exist in domain '${d.name}'` });
+      return sendError(reply, { code: "not-found", message: `checkpoint '${req.params.checkpoint}' does not exist in domain '${d.name}'` });
     return checkpointJson(d, c);
   });
-  app.get<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints/:cp/xml", async (req, reply) => {
-    const d = need(reply, req.params.name);
-    if (d === undefined) return reply;
-    const r = await d.checkpoints.xml(d.client(), req.params.cp, { size: flag(req.query, "size") });
-    return r.isErr() ? sendError(reply, r.error) : reply.type("application/xml").send(r.value);
-  });
-  app.delete<{ Params: Params; Querystring: Query }>("/v1/domains/:name/checkpoints/:cp", async (req, reply) => {
-    const d = need(reply, req.params.name);
-    if (d === undefined) return reply;
-    if (jobs.job(d.name)?.active)
-      return sendError(reply, { code: "busy", message: `a backup is running on '${d.name}'; end it before deleting checkpoints` });
-    const q = req.query;
-    return send(
-      reply,
-      d.checkpoints
-        .delete(d.client(), req.params.cp, {
-          children: flag(q, "children"),
-          childrenOnly: flag(q, "childrenOnly"),
-          metadataOnly: flag(q, "metadata"),
-        })
-        .map((deleted) => ({ deleted })),
-    );
-  });
+  app.get<{ Params: Params; Querystring: Query }>(
+    "/v1/domains/:name/checkpoints/:checkpoint/xml",
+    op("getCheckpointXml"),
+    async (req, reply) => {
+      const d = need(reply, req.params.name);
+      if (d === undefined) return reply;
+      const r = await d.checkpoints.xml(d.client(), req.params.checkpoint, { size: flag(req.query, "size") });
+      return r.isErr() ? sendError(reply, r.error) : reply.type("application/xml").send(r.value);
+    },
+  );
+  app.delete<{ Params: Params; Querystring: Query }>(
+    "/v1/domains/:name/checkpoints/:checkpoint",
+    op("deleteCheckpoint"),
+    async (req, reply) => {
+      const d = need(reply, req.params.name);
+      if (d === undefined) return reply;
+      if (jobs.busy(d.name))
+        return sendError(reply, { code: "busy", message: `a backup is running on '${d.name}'; end it before deleting checkpoints` });
+      const q = req.query;
+      return send(
+        reply,
+        d.checkpoints
+          .delete(d.client(), req.params.checkpoint, {
+            children: flag(q, "children"),
+            childrenOnly: flag(q, "childrenOnly"),
+            metadataOnly: flag(q, "metadata"),
+          })
+          .map((deleted) => ({ deleted })),
+      );
+    },
+  );
 
   // ---- events (NDJSON)
-  app.get<{ Querystring: Query }>("/v1/events", (req, reply) => {
+  app.get<{ Querystring: Query }>("/v1/events", op("getEvents"), (req, reply) => {
     const only = req.query.domain;
     reply.hijack();
     const res = reply.raw;

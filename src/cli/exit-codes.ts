@@ -35,7 +35,9 @@ export function exitCodeForStatus(status: number): number {
   if (status < 400) return EXIT.ok;
   switch (status) {
     case 400:
+    case 405:
     case 413:
+    case 415:
     case 422:
       return EXIT.usage;
     case 403:

@@ -5,6 +5,7 @@
 import { readFileSync } from "node:fs";
 import { isAbsolute, join, relative } from "node:path";
 import { err, ok, type Result } from "neverthrow";
+import { isLogLevel, LOG_LEVELS } from "../log.js";
 import type { ConfError } from "./errors.js";
 import { checkName } from "./names.js";
 
@@ -41,7 +42,11 @@ export interface DaemonConfig {
   readonly maxBodyBytes: number;
   readonly maxConnections: number;
   readonly domains: readonly DomainConfig[];
+  /** pino level name; unset: info. */
+  readonly logLevel: LogLevel | undefined;
 }
+
+export type LogLevel = "trace" | "debug" | "info" | "warn" | "error" | "fatal" | "silent";
 
 export interface ConfigFlags {
   readonly config?: string | undefined;
@@ -50,6 +55,8 @@ export interface ConfigFlags {
   /** Where targets are generated for a backup without XML (default <stateDir>/backups). */
   readonly backupDir?: string | undefined;
   readonly allowDir?: readonly string[] | undefined;
+  /** --log-level (or QBACKUPD_LOG_LEVEL, which main.ts passes here): wins over the file's logLevel. */
+  readonly logLevel?: string | undefined;
 }
 
 export const DEFAULT_CONFIG_PATH = "/etc/qbackupd/config.json";
@@ -68,6 +75,7 @@ const KEYS = new Set([
   "maxBodyBytes",
   "maxConnections",
   "domains",
+  "logLevel",
 ]);
 
 const bad = (message: string): Result<never, ConfError> => err({ code: "config-invalid", message: `configuration: ${message}` });
@@ -150,6 +158,9 @@ export function parseConfig(fileText: string | undefined, flags: ConfigFlags): R
   const maxConnections = int(o.maxConnections, 128, "maxConnections", 1, 100_000);
   if (maxConnections.isErr()) return err(maxConnections.error);
   if (o.allowPlainTcp !== undefined && typeof o.allowPlainTcp !== "boolean") return bad("allowPlainTcp must be true or false");
+  const logLevel = flags.logLevel ?? o.logLevel;
+  if (logLevel !== undefined && !isLogLevel(logLevel))
+    return bad(`logLevel must be one of ${LOG_LEVELS.join(", ")} (got ${JSON.stringify(logLevel)})`);
   const domains: DomainConfig[] = [];
   if (o.domains !== undefined) {
     if (!Array.isArray(o.domains)) return bad("domains must be a list");
@@ -172,6 +183,7 @@ export function parseConfig(fileText: string | undefined, flags: ConfigFlags): R
     maxBodyBytes: maxBodyBytes.value,
     maxConnections: maxConnections.value,
     domains,
+    logLevel,
   });
 }
 

@@ -6,7 +6,18 @@
 import { err, ok, type Result } from "neverthrow";
 import type { ConfError } from "./errors.js";
 
-export const MAX_NAME_BYTES = 255;
+/**
+ * The one name limit, in bytes, for domains, checkpoints, disks and bitmaps;
+ * checked wherever a name comes in (registration, XML, API paths). Not 255:
+ * a name becomes part of file names, and the longest of them,
+ * `.tmp-<domain>.completed.json.<12 hex>` (a job record's atomic write), adds
+ * 33 bytes; with 200 every file name the daemon derives from a name fits the
+ * 255-byte file name limit of Linux file systems, with room to spare.
+ */
+export const MAX_NAME_BYTES = 200;
+
+/** The characters a name may hold (libvirt's checkpoint name rule), as a JSON Schema / RegExp pattern. */
+export const NAME_PATTERN = "^[a-zA-Z0-9_-][a-zA-Z0-9_.-]*$";
 
 /** Check `name` against `[a-zA-Z0-9_-][a-zA-Z0-9_.-]*` and the byte limit; the error says which rule broke. */
 export function checkName(name: string, what: string): Result<string, ConfError> {
@@ -18,7 +29,7 @@ export function checkName(name: string, what: string): Result<string, ConfError>
   // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are exactly what we refuse
   if (/[\u0000-\u001f\u007f]/.test(name)) return fail("must not contain control characters");
   if (/\s/.test(name)) return fail("must not contain white space");
-  if (!/^[a-zA-Z0-9_-][a-zA-Z0-9_.-]*$/.test(name)) return fail("may only contain letters, digits, '_', '-' and '.'");
+  if (!new RegExp(NAME_PATTERN).test(name)) return fail("may only contain letters, digits, '_', '-' and '.'");
   return ok(name);
 }
 

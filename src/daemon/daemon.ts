@@ -44,7 +44,7 @@ export class Daemon {
   private readonly domainListeners = new Set<(e: DomainEvent) => void>();
   readonly domains: DomainRegistry;
   readonly jobs: JobManager;
-  readonly metrics = new Metrics();
+  readonly metrics: Metrics;
   private api: ApiServer | undefined;
 
   private constructor(
@@ -60,6 +60,7 @@ export class Daemon {
       },
       (d) => this.jobs.recover(d),
     );
+    this.metrics = new Metrics({ stateDir: config.stateDir, logger: log, version: packageVersion() });
     this.jobs = new JobManager({
       stateDir: config.stateDir,
       logger: log,
@@ -172,6 +173,8 @@ export class Daemon {
     this.jobs.detachAll();
     await this.api?.close();
     await this.domains.stopAll();
+    // the last outcomes are on disk before the next daemon may take the directory
+    await this.metrics.flushed();
     rmSync(this.config.socket, { force: true });
     this.lock.release();
     this.log.info("qbackupd stopped");

@@ -26,6 +26,11 @@ export const DAEMON_FLAGS: readonly FlagDef[] = [
     help: "targets and scratch files must lie under one of these (repeatable; default <backup-dir>); a warning at start when backup-dir falls outside them",
   },
   {
+    name: "log-level",
+    value: "LEVEL",
+    help: "trace, debug, info, warn, error, fatal or silent (default info; debug adds a line per API request); wins over QBACKUPD_LOG_LEVEL, which wins over the configuration file",
+  },
+  {
     name: "check-config",
     value: "FILE",
     help: "validate FILE (with the other flags), print the warnings start-up would print, exit 0 (valid) or 2",

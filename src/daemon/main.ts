@@ -1,7 +1,7 @@
 /** `qbackupd`: the daemon's entry point: flags, configuration, signals. Runs in the foreground (systemd style). */
 import { parseArgs } from "node:util";
 import { type ConfigFlags, configWarnings, loadConfig } from "../conf/config.js";
-import { rootLogger } from "../log.js";
+import { envLogLevel, rootLogger } from "../log.js";
 import { packageVersion } from "../version.js";
 import { Daemon } from "./daemon.js";
 import { daemonManPage, daemonParseOptions, daemonUsage } from "./flags.js";
@@ -16,6 +16,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     "backup-dir"?: string;
     "allow-dir"?: string[];
     "check-config"?: string;
+    "log-level"?: string;
     manpage?: boolean;
     help?: boolean;
     version?: boolean;
@@ -47,12 +48,16 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stderr.write("qbackupd: --check-config names the file to check; leave out --config\n");
     return 2;
   }
+  const envLevel = process.env.QBACKUPD_LOG_LEVEL;
+  if (envLevel !== undefined && envLevel !== "" && envLogLevel() === undefined)
+    process.stderr.write(`qbackupd: QBACKUPD_LOG_LEVEL=${JSON.stringify(envLevel)} is no level name; ignored\n`);
   const flags: ConfigFlags = {
     config: checkOnly ?? values.config,
     socket: values.socket,
     stateDir: values["state-dir"],
     backupDir: values["backup-dir"],
     allowDir: values["allow-dir"],
+    logLevel: values["log-level"] ?? envLogLevel(),
   };
   const cfg = loadConfig(flags);
   if (cfg.isErr()) {
@@ -66,6 +71,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     return 0;
   }
   for (const w of warnings) rootLogger.warn({ backupDir: cfg.value.backupDir, allowDirs: cfg.value.allowDirs }, w);
+  rootLogger.level = cfg.value.logLevel ?? "info";
   let daemon: Daemon;
   try {
     daemon = await Daemon.start(cfg.value, rootLogger);
@@ -92,6 +98,8 @@ export async function main(argv: readonly string[]): Promise<number> {
       else {
         for (const w of configWarnings(next.value))
           rootLogger.warn({ backupDir: next.value.backupDir, allowDirs: next.value.allowDirs }, w);
+        // the level applies at once (a flag or the environment still wins over the file)
+        rootLogger.level = next.value.logLevel ?? "info";
         void daemon.reload(next.value);
       }
     });

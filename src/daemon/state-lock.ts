@@ -13,7 +13,7 @@
  *
  * Node has no flock in core, and fs-ext (the package that binds it) always
  * builds with node-gyp at install, with no prebuilt binary: the container's
- * build stage (node:20-bookworm-slim) has no compiler for it. So flock(1)
+ * build stage (node:24-bookworm-slim) has no compiler for it. So flock(1)
  * from util-linux (installed on every Debian, Essential) makes the call on a
  * descriptor we open and lend it as its fd 3: a flock belongs to the open
  * file description, which stays ours, locked, after flock(1) exits. Node

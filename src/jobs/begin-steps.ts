@@ -10,13 +10,20 @@
  * record, or undo anything (job.ts sequences the steps, undo.ts undoes).
  */
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
-import { qmpErrorMessage } from "../qmp/errors.js";
+import { type QmpError, qmpErrorMessage } from "../qmp/errors.js";
 import type { BackupError } from "./errors.js";
 import { imageCreate } from "./images.js";
 import type { DiskRuntime, JobContext, JobFlags } from "./model.js";
 import { backupTransaction, exportArgs, targetBlockdev } from "./plan.js";
 
 export const stepFailed = (message: string): BackupError => ({ code: "job-failed", message });
+
+/**
+ * A command that got no answer (a stalled QEMU past the QMP timeout, a dropped connection) may still run in QEMU:
+ * its flags are set as if it had, so undo looks for what it would have made (undo removes only what QEMU then
+ * shows, and "not found" counts as gone). Only a refusal (`command`) says it did not run.
+ */
+const noAnswer = (e: QmpError): boolean => e.code !== "command";
 
 /** All disks at once; settles only when every one has (so undo sees every flag it must). */
 function allSettled(rs: ResultAsync<void, BackupError>[]): ResultAsync<void, BackupError> {
@@ -67,7 +74,14 @@ export function backupStartJobs(ctx: JobContext, disks: readonly DiskRuntime[], 
       f.tempBitmapsAdded = true;
       for (const d of disks) d.jobStarted = true;
     })
-    .mapErr((e) => stepFailed(`cannot start the backup: ${qmpErrorMessage(e)}`));
+    .mapErr((e) => {
+      if (noAnswer(e)) {
+        f.txDone = true;
+        f.tempBitmapsAdded = true;
+        for (const d of disks) d.jobStarted = true;
+      }
+      return stepFailed(`cannot start the backup: ${qmpErrorMessage(e)}`);
+    });
 }
 
 /** Metadata after the bitmaps exist; without metadata the bitmaps are removed by undo (they are in the flags' scope). */
@@ -99,14 +113,20 @@ export function backupStartExports(ctx: JobContext, disks: readonly DiskRuntime[
           .map(() => {
             f.tlsAdded = true;
           })
-          .mapErr((e) => stepFailed(`cannot load TLS credentials: ${qmpErrorMessage(e)}`));
+          .mapErr((e) => {
+            if (noAnswer(e)) f.tlsAdded = true;
+            return stepFailed(`cannot load TLS credentials: ${qmpErrorMessage(e)}`);
+          });
   let chain = tls.andThen(() =>
     c
       .execute("nbd-server-start", { addr: nbd.addr, ...(nbd.tlsCreds ? { "tls-creds": nbd.tlsCreds.id } : {}) })
       .map(() => {
         f.nbdStarted = true;
       })
-      .mapErr((e) => stepFailed(`cannot start the NBD server at ${nbd.uri}: ${qmpErrorMessage(e)}`)),
+      .mapErr((e) => {
+        if (noAnswer(e)) f.nbdStarted = true;
+        return stepFailed(`cannot start the NBD server at ${nbd.uri}: ${qmpErrorMessage(e)}`);
+      }),
   );
   for (const d of disks) {
     chain = chain.andThen(() =>

@@ -46,10 +46,14 @@ export async function finishRemoveFiles(
   }
 }
 
-/** A checkpoint created with a backup that did not succeed must not claim a backup exists. True when its metadata went. */
-export async function finishRollBackCheckpoint(ctx: JobContext, outcome: JobOutcome, log: Logger): Promise<boolean> {
+/**
+ * A checkpoint created with a backup that did not succeed must not claim a backup exists. True when its metadata went.
+ * Only one this job committed: a checkpoint of the same name created by someone else while the backup was being
+ * prepared (so that the backup's own bitmaps could not be added) is theirs.
+ */
+export async function finishRollBackCheckpoint(ctx: JobContext, outcome: JobOutcome, committed: boolean, log: Logger): Promise<boolean> {
   const cp = ctx.checkpoint;
-  if (cp === undefined || outcome === "ready") return false;
+  if (cp === undefined || outcome === "ready" || !committed) return false;
   if (ctx.checkpoints.store.get(cp.def.name) === undefined) return true;
   const r = await ctx.checkpoints.delete(undefined, cp.def.name, { metadataOnly: true });
   if (r.isErr()) {

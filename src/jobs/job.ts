@@ -19,7 +19,8 @@
  * its phase outside transition().
  */
 import { existsSync } from "node:fs";
-import { err, ok, okAsync, type Result, ResultAsync } from "neverthrow";
+import { setTimeout as sleep } from "node:timers/promises";
+import { err, errAsync, ok, okAsync, type Result, ResultAsync } from "neverthrow";
 import { backupDefFormat } from "../conf/backup.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
@@ -49,6 +50,9 @@ import { checkTransition, type JobPhase, reportedState } from "./transitions.js"
 import { undoInQemu } from "./undo.js";
 
 export type { BackupJobInfo, JobEvent, JobState, NbdServerPlan } from "./model.js";
+
+/** QEMU's refusal of a command to a job that no longer runs (concluded and waiting to be dismissed, or gone). */
+const JOB_ENDED = /in state '(concluded|null|pending|waiting|aborting)'|not found|cannot find/i;
 
 const aborted = (): BackupError => ({ code: "aborted", message: "the backup was aborted by request while it was starting" });
 
@@ -297,11 +301,17 @@ export class BackupJob {
   async adopt(): Promise<void> {
     const c = this.ctx.client;
     this.listen(c);
-    const q = await readQemuState(c);
-    // an abort (end) may have taken the job over meanwhile: its finish owns it now
+    let q = await readQemuState(c);
+    // no answer is no conclusion: while the connection stays up there is no "next connect" to leave the job to
+    for (let wait = 100; q.isErr() && c.runstate === "running" && this.phaseValue === "adopting"; wait = Math.min(2000, wait * 2)) {
+      this.log.warn({ error: qmpErrorMessage(q.error) }, "cannot read QEMU's state to adopt the job yet; trying again");
+      await sleep(wait);
+      q = await readQemuState(c);
+    }
+    // the daemon may have stopped following the job meanwhile (detached): nothing here is ours to do
     if (this.phaseValue !== "adopting") return;
     if (q.isErr()) {
-      this.log.error("cannot read QEMU's state to adopt the job; retrying at the next connect");
+      this.log.error("the QMP connection went away while adopting the job; retrying at the next connect");
       this.detach();
       return;
     }
@@ -315,8 +325,14 @@ export class BackupJob {
     for (const [i, d] of this.disks.entries()) Object.assign(d, { ...r.disks[i]! });
     this.log.warn({ state: this.stateValue, decision: r.decision.kind }, "adopting the backup job after a restart");
     if (r.decision.kind === "finish") {
-      this.errorText ??= r.decision.reason;
-      await this.finish(r.decision.outcome);
+      // an abort asked for while adoption read QEMU cancels a begin the crash interrupted; a recorded outcome stays
+      const cancel = this.abortRequested && this.outcome === undefined && inBegin;
+      this.errorText ??= cancel ? "aborted by request" : r.decision.reason;
+      await this.finish(cancel ? "cancelled" : r.decision.outcome);
+      return;
+    }
+    if (this.abortRequested) {
+      await this.endAdopted();
       return;
     }
     for (const d of this.disks) {
@@ -332,11 +348,22 @@ export class BackupJob {
       return;
     }
     if (this.phaseValue !== "adopting") return;
+    if (this.abortRequested) {
+      await this.endAdopted();
+      return;
+    }
     this.transition(this.ctx.def.mode === "pull" ? "serving" : "running");
     void this.watch();
     void this.watchOthers();
     if (this.ctx.def.mode === "push") this.startCopying();
     void this.persist();
+  }
+
+  /** An end asked for while adopting, once the flags come from QEMU: a pull is done, a push aborted. */
+  private endAdopted(): Promise<void> {
+    if (this.ctx.def.mode === "pull") return this.finish("ready");
+    this.errorText ??= "aborted by request";
+    return this.finish("cancelled");
   }
 
   // ---------------------------------------------------------------- begin
@@ -477,12 +504,16 @@ export class BackupJob {
     const running = this.disks.filter((d) => d.state === "running" && d.jobStarted);
     return ResultAsync.combine(
       running.map((d) =>
-        this.ctx.client.execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond }).mapErr(
-          (e): BackupError => ({
-            code: "job-failed",
-            message: `cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`,
-          }),
-        ),
+        this.ctx.client
+          .execute("block-job-set-speed", { device: d.plan.jobId, speed: bytesPerSecond })
+          // a job that has just ended copies nothing more: nothing to throttle (its end is told by its own events)
+          .orElse((e) => (e.code === "command" && JOB_ENDED.test(e.desc) ? okAsync(undefined) : errAsync(e)))
+          .mapErr(
+            (e): BackupError => ({
+              code: "job-failed",
+              message: `cannot set the bandwidth of disk '${d.plan.disk}': ${qmpErrorMessage(e)}`,
+            }),
+          ),
       ),
     ).map(() => undefined);
   }
@@ -502,8 +533,15 @@ export class BackupJob {
   }
 
   private async onConcluded(d: DiskRuntime): Promise<void> {
-    const jobs = await this.ctx.client.execute("query-jobs");
-    if (jobs.isErr()) return; // unknown: the next event, the next adoption or undo decides
+    const c = this.ctx.client;
+    let jobs = await c.execute("query-jobs");
+    // a concluded job sends no further event: no answer is asked again while the connection stays up
+    for (let wait = 100; jobs.isErr() && c.runstate === "running" && this.following(); wait = Math.min(2000, wait * 2)) {
+      this.log.warn({ error: qmpErrorMessage(jobs.error) }, "cannot read the concluded job's outcome yet; trying again");
+      await sleep(wait);
+      jobs = await c.execute("query-jobs");
+    }
+    if (jobs.isErr()) return; // the connection went away (adoption at reconnect decides), or a finish took over
     const j = jobs.value.find((x) => x.id === d.plan.jobId);
     if (j === undefined) {
       d.state = "failed";
@@ -559,9 +597,10 @@ export class BackupJob {
     });
   }
 
-  /** Pull: the caller is done; push: abort. During begin, an abort only marks the job: begin undoes it. */
+  /** Pull: the caller is done; push: abort. During begin or adoption, an end only marks the job: begin or adopt ends it. */
   end(): Promise<BackupJobInfo> {
-    if (this.phaseValue === "begin") {
+    // adopting: the flags are the record's until adoption has re-derived them from QEMU; it ends the job then
+    if (this.phaseValue === "begin" || this.phaseValue === "adopting") {
       this.abortRequested = true;
       return this.gone.then(() => this.info());
     }
@@ -598,6 +637,13 @@ export class BackupJob {
     const writebackErrors = pushReady ? await stopping : [];
     let stuck = await this.undo(outcome);
     if (stuck === undefined) return;
+    // "cancelled" means nothing of the job is left: what QEMU refused to give up makes it a failure, with the reason
+    if (outcome === "cancelled" && stuck.length > 0) {
+      outcome = "failed";
+      this.outcome = outcome;
+      this.errorText = `aborted by request, but QEMU refused to give up: ${stuck.join("; ")}`;
+      await this.persist();
+    }
     const closeFailed = stuck.find((s) => s.startsWith("blockdev-del"));
     if (pushReady && closeFailed !== undefined) this.errorText ??= `cannot close the target: ${closeFailed}`;
     // Ready means on disk: the targets are written out (and their directory entries) before anyone is told.
@@ -615,7 +661,7 @@ export class BackupJob {
       stuck = [...stuck, ...again];
     }
     await finishRemoveFiles(this.ctx, this.disks, outcome, stuck, this.log);
-    if (await finishRollBackCheckpoint(this.ctx, outcome, this.log)) this.f.checkpointCommitted = false;
+    if (await finishRollBackCheckpoint(this.ctx, outcome, this.f.checkpointCommitted, this.log)) this.f.checkpointCommitted = false;
     // the checkpoints' evidence (dirty counts, recording state) as it stands once our temporary bitmaps are gone
     if (!this.qemuGone && this.ctx.client.runstate === "running") {
       const seen = await this.ctx.checkpoints.recordAfterBackup(this.ctx.client);

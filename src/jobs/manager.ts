@@ -13,6 +13,7 @@
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { Logger } from "../log.js";
+import type { QmpClient } from "../qmp/client.js";
 import { type JobServices, jobContext } from "./context.js";
 import type { BackupDomain, BeginOptions } from "./domain.js";
 import type { BackupError } from "./errors.js";
@@ -53,11 +54,15 @@ export class JobManager {
   private readonly active = new Map<string, BackupJob>();
   /** Domains whose begin is being prepared (validation is async: reserve the slot first). */
   private readonly beginning = new Map<string, Reservation>();
+  /** Domains whose recovery runs: a begin then would race the adoption of the record (or its cleanup of leftovers). */
+  private readonly recovering = new Set<string>();
+  /** The whole recovery of a domain, while it runs (a begin without a recorded job waits for it). */
+  private readonly recoveries = new Map<string, Promise<void>>();
+  /** Until a recovery knows the recorded job (registered, or none): questions about the domain's job wait for it. */
+  private readonly unknown = new Map<string, Promise<void>>();
   /** Domains kept busy until a person looks (an unreadable job record was set aside). */
   private readonly blocked = new Map<string, string>();
   private readonly completed = new Map<string, BackupJobInfo>();
-  /** Domains whose recovery (record read, matched with QEMU, adopted) is under way. */
-  private readonly recovering = new Map<string, Promise<void>>();
   private readonly preparer: BackupPreparer;
   private readonly services: JobServices;
   private readonly subscribers = new Set<(e: JobEvent) => void>();
@@ -96,26 +101,37 @@ export class JobManager {
    * On every (re)connect of a domain: adopt the job its record describes, or
    * remove what a crashed daemon left in QEMU without a record.
    */
-  recover(domain: BackupDomain): Promise<void> {
-    // while a record is read and matched with QEMU, the domain's job is not known yet:
-    // requests about it wait (begin answers busy) instead of answering from a half-built view
-    const running = this.recovering.get(domain.name);
-    if (running !== undefined) return running;
-    const p = this.recoverNow(domain).finally(() => this.recovering.delete(domain.name));
-    this.recovering.set(domain.name, p);
-    return p;
-  }
-
-  /** Requests about a domain's job start once its recovery (if any) is over. */
-  private afterRecovery<T>(domain: string, fn: () => ResultAsync<T, BackupError>): ResultAsync<T, BackupError> {
-    const r = this.recovering.get(domain);
-    return r === undefined ? fn() : ResultAsync.fromSafePromise(r).andThen(fn);
-  }
-
-  private async recoverNow(domain: BackupDomain): Promise<void> {
+  async recover(domain: BackupDomain): Promise<void> {
     const client = domain.client();
     const store = this.store;
     if (client === undefined || store === undefined) return;
+    // marked before the first await: a domain is connected (and takes requests) before its recovery has adopted the record
+    // questions wait until the recorded job is known (registered, or found to be none), not for its undo to end
+    let resolve: () => void = () => {};
+    const pending = new Promise<void>((r) => (resolve = r));
+    const known = () => {
+      if (this.unknown.get(domain.name) === pending) this.unknown.delete(domain.name);
+      resolve();
+    };
+    this.recovering.add(domain.name);
+    this.unknown.set(domain.name, pending);
+    const whole = this.recoverNow(domain, client, store, known).finally(() => {
+      known();
+      this.recovering.delete(domain.name);
+      if (this.recoveries.get(domain.name) === whole) this.recoveries.delete(domain.name);
+    });
+    this.recoveries.set(domain.name, whole);
+    await whole;
+  }
+
+  /** Questions about a domain's job are answered once its recovery has adopted (or cleaned up) the recorded one. */
+  private afterRecovery<T>(domain: string, f: () => ResultAsync<T, BackupError>): ResultAsync<T, BackupError> {
+    const r = this.unknown.get(domain);
+    if (r === undefined) return f();
+    return ResultAsync.fromSafePromise(r).andThen(f);
+  }
+
+  private async recoverNow(domain: BackupDomain, client: QmpClient, store: JobStore, known: () => void): Promise<void> {
     if (!this.completed.has(domain.name)) {
       const c = await store.loadCompleted(domain.name);
       if (c !== undefined) this.completed.set(domain.name, c);
@@ -128,6 +144,7 @@ export class JobManager {
         const job = new BackupJob(jobContext(this.services, domain, client, rec), "adopting");
         job.restoreFrom(rec);
         this.active.set(domain.name, job);
+        known();
         await job.adopt();
         return job;
       },
@@ -175,12 +192,20 @@ export class JobManager {
     return this.active.get(domain);
   }
 
+  /**
+   * A backup owns the domain: a job runs, a begin is being prepared, or recovery is adopting the recorded one.
+   * Checkpoint changes and domain-remove are refused meanwhile (not only once the job exists).
+   */
+  busy(domain: string): boolean {
+    return this.active.get(domain)?.active === true || this.beginning.has(domain) || this.recovering.has(domain);
+  }
+
   /** The running job's info; with `completed`, the last finished job's. */
   info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
     return this.afterRecovery(domain, () => this.infoNow(domain, opts));
   }
 
-  private infoNow(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
+  private infoNow(domain: string, opts: { completed?: boolean }): ResultAsync<BackupJobInfo, BackupError> {
     if (opts.completed) {
       const c = this.completed.get(domain);
       return c === undefined ? errAsync({ code: "no-job", message: `no finished backup job on domain '${domain}'` }) : okAsync(c);
@@ -193,10 +218,6 @@ export class JobManager {
   }
 
   xml(domain: string): ResultAsync<string, BackupError> {
-    return this.afterRecovery(domain, () => this.xmlNow(domain));
-  }
-
-  private xmlNow(domain: string): ResultAsync<string, BackupError> {
     const j = this.active.get(domain);
     return j === undefined ? errAsync({ code: "no-job", message: `no backup job is running on domain '${domain}'` }) : okAsync(j.xml());
   }
@@ -207,11 +228,7 @@ export class JobManager {
    * started nothing; a begin under way is aborted by its own chain.
    */
   end(domain: string): ResultAsync<BackupJobInfo, BackupError> {
-    return this.afterRecovery(domain, () => this.endNow(domain));
-  }
-
-  private endNow(domain: string): ResultAsync<BackupJobInfo, BackupError> {
-    return this.stillBlocked(domain).andThen(() => {
+    return this.afterRecovery(domain, () => this.stillBlocked(domain)).andThen(() => {
       const j = this.active.get(domain);
       if (j !== undefined) return ResultAsync.fromSafePromise(j.end());
       const slot = this.beginning.get(domain);
@@ -243,7 +260,7 @@ export class JobManager {
     return this.afterRecovery(domain, () => this.waitNow(domain, timeoutMs));
   }
 
-  private waitNow(domain: string, timeoutMs?: number): ResultAsync<BackupJobInfo, BackupError> {
+  private waitNow(domain: string, timeoutMs: number | undefined): ResultAsync<BackupJobInfo, BackupError> {
     const j = this.active.get(domain);
     if (j === undefined) {
       const c = this.completed.get(domain);
@@ -270,11 +287,17 @@ export class JobManager {
     checkpointXml: string | undefined,
     opts: BeginOptions = {},
   ): ResultAsync<BackupJobInfo, BackupError> {
+    // right after a (re)connect: once the recorded job is known it is busy; without one, the begin waits
+    // for the cleanup of leftovers to end instead of answering busy to a domain that reports connected
+    const recovery = this.recoveries.get(domain.name);
+    if (recovery !== undefined)
+      return this.afterRecovery(domain.name, () =>
+        this.active.get(domain.name)?.active
+          ? errAsync<BackupJobInfo, BackupError>({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` })
+          : ResultAsync.fromSafePromise(recovery).andThen(() => this.begin(domain, backupXml, checkpointXml, opts)),
+      );
     if (this.active.has(domain.name) || this.beginning.has(domain.name)) {
       return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
-    }
-    if (this.recovering.has(domain.name)) {
-      return errAsync({ code: "busy", message: `the last backup job of domain '${domain.name}' is being recovered; try again` });
     }
     const client = domain.client();
     if (client === undefined || client.runstate !== "running") {

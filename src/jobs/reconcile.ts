@@ -86,8 +86,9 @@ export function reconcileRecord(rec: JobRecord, q: QemuSnapshot, facts: Reconcil
     txDone,
     // only ours when our transaction ran: a failed one may have met another owner's bitmap of that name
     tempBitmapsAdded: txDone && rec.plans.some((p) => p.tempBitmap !== undefined && q.bitmaps.has(`${p.node}/${p.tempBitmap}`)),
-    // the store decides: a kill between commit and the next record write leaves the flag false
-    checkpointCommitted: rec.flags.checkpointCommitted || facts.checkpointInStore,
+    // the store decides: a kill between commit and the next record write leaves the flag false; but only once our
+    // transaction ran (its bitmaps of that name were added), else a checkpoint of that name is someone else's
+    checkpointCommitted: rec.flags.checkpointCommitted || (txDone && facts.checkpointInStore),
     nbdStarted: serverMaybeOurs,
     tlsAdded: rec.flags.tlsAdded || (serverMaybeOurs && rec.nbd?.tlsCreds !== undefined),
   };

@@ -117,7 +117,7 @@ t.test("limits, errors and permissions", async (t) => {
   t.match((await req(api, "POST", "/v1/domains/ghost/backup", {})).body, { code: "not-connected" });
   t.match((await req(api, "POST", "/v1/domains/ghost/backup", { durable: "no" })).body, {
     code: "bad-request",
-    message: "durable must be a boolean",
+    message: /durable must be boolean/,
   });
   t.equal((await req(api, "POST", "/v1/domains", { name: "ghost", qmp: "/x" })).status, 409);
   t.match((await req(api, "GET", "/v1/health")).body, { status: "ok" });
@@ -134,6 +134,65 @@ t.test("limits, errors and permissions", async (t) => {
   // blocked, it would wait for the stuck clients' request timeout (60 s); the bound leaves room for a loaded machine
   t.ok(Date.now() - s0 < 10_000, `served beside 20 stuck clients (${Date.now() - s0} ms)`);
   for (const s of stuck) s.destroy();
+});
+
+/** The raw HTTP answer to a request with any body and content type (ApiClient always sends JSON). */
+function rawRequest(socketPath: string, method: string, path: string, body?: string, contentType = "application/json") {
+  return new Promise<{ status: number; body: string; allow: string | undefined }>((resolve, reject) => {
+    const r = http.request({ socketPath, method, path, headers: body === undefined ? {} : { "content-type": contentType } }, (res) => {
+      let b = "";
+      res.on("data", (c) => {
+        b += c;
+      });
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: b, allow: res.headers.allow }));
+    });
+    r.on("error", reject);
+    r.end(body);
+  });
+}
+
+t.test("requests outside the contract are refused before anything happens (issue 12)", async (t) => {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  const d = await startDaemon(t);
+  const api = new ApiClient(d.socket);
+  t.equal((await req(api, "POST", "/v1/domains", { name: "vm1", qmp: vm.qmpPath })).status, 201);
+  await connected(api, ["vm1"]);
+  const refused: [string, string, string | undefined, string | undefined, number][] = [
+    ["POST", "/v1/domains/vm1/backup", '{"backupXml":123}', undefined, 400],
+    ["POST", "/v1/domains/vm1/backup", "hello", "text/plain", 415],
+    ["POST", "/v1/domains/vm1/backup", "[1,2]", undefined, 400],
+    ["POST", "/v1/domains/vm1/backup", '{"reuseExternal":"yes"}', undefined, 400],
+    ["POST", "/v1/domains/vm1/checkpoints", '{"xml":5}', undefined, 400],
+    ["GET", "/v1/domains/vm1/backup?completed=maybe", undefined, undefined, 400],
+    ["GET", "/v1/domains/vm1/checkpoints?roots=2", undefined, undefined, 400],
+    ["PUT", "/v1/domains/vm1/backup", "{}", undefined, 405],
+    ["POST", "/v1/domains", '["vm2"]', undefined, 400],
+  ];
+  for (const [method, path, body, type, status] of refused) {
+    const r = await rawRequest(d.socket, method, path, body, type);
+    t.equal(r.status, status, `${method} ${path} ${body ?? ""}`);
+    t.same(Object.keys(JSON.parse(r.body)).sort(), ["code", "message"]);
+    if (status === 405) t.equal(r.allow, "DELETE, GET, HEAD, POST");
+  }
+  t.match((await req(api, "GET", "/v1/domains/vm1/backup")).body, { code: "no-job" }, "no job was begun");
+  t.equal((await req(api, "GET", "/v1/domains/vm1/backup?completed=1")).status, 404, "nor finished");
+  t.same((await req(api, "GET", "/v1/domains/vm1/checkpoints")).body, [], "no checkpoint was created");
+  const { existsSync, readdirSync } = await import("node:fs");
+  const backups = `${d.stateDir}/backups`;
+  t.same(existsSync(backups) ? readdirSync(backups) : [], [], "no target file was created");
+  t.same(
+    ((await req(api, "GET", "/v1/domains")).body as { name: string }[]).map((x) => x.name),
+    ["vm1"],
+    "no domain was registered",
+  );
+  // a domain named with the limit's bytes is addressable on its routes, and can be removed
+  const { MAX_NAME_BYTES } = await import("../../src/conf/names.js");
+  const long = "l".repeat(MAX_NAME_BYTES);
+  t.equal((await req(api, "POST", "/v1/domains", { name: long, qmp: "/nonexistent/qmp.sock" })).status, 201);
+  t.equal((await req(api, "GET", `/v1/domains/${long}`)).status, 200);
+  t.equal((await req(api, "GET", `/v1/domains/${long}/checkpoints`)).status, 200);
+  t.equal((await req(api, "DELETE", `/v1/domains/${long}`)).status, 200, "removable through the API");
+  t.equal((await req(api, "POST", "/v1/domains", { name: `${long}l`, qmp: "/x" })).status, 400, "one byte more is refused");
 });
 
 t.test("no shell is ever run", async (t) => {
@@ -169,7 +228,7 @@ t.test("event stream and metrics", async (t) => {
     ["hello", "connected", "started", "ready", "ended"],
   );
   const m = (await req(api, "GET", "/v1/metrics")).text;
-  t.match(m, /qbackupd_backups_total\{mode="push",outcome="completed"\} 1/);
+  t.match(m, /qbackupd_backups_total\{domain="ev",mode="push",outcome="completed"\} 1/);
   t.match(m, /qbackupd_qmp_connected\{domain="ev"\} 1/);
   await d.stop();
 });

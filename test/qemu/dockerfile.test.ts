@@ -3,7 +3,8 @@
  * Dockerfile's runtime stage is assembled in a directory from its own COPY
  * lines, with only the production dependencies `npm prune --omit=dev` keeps,
  * and its ENTRYPOINT runs a full push of a real QEMU's disk, checked byte for
- * byte. What this cannot catch: the base image itself (node:20-bookworm-slim).
+ * byte. What this cannot catch: the base image itself (node:24-bookworm-slim; the
+ * Node 24 leg of scripts/test-matrix.mjs runs this test on Node 24).
  */
 import { execFile } from "node:child_process";
 import { cpSync, existsSync, mkdirSync, readFileSync, statSync, symlinkSync } from "node:fs";

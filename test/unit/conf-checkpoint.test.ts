@@ -3,6 +3,7 @@ import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { checkpointDefAlign, checkpointDefFormat, checkpointDefParse, type DomainDiskSummary } from "../../src/conf/checkpoint.js";
+import { MAX_NAME_BYTES } from "../../src/conf/names.js";
 import { fixture, LIBVIRT_XML, relaxngValidate } from "../helpers/xml.js";
 
 // libvirt's qemudomaincheckpointxml2xmltest runs with a fixed clock and a
@@ -98,7 +99,10 @@ t.test("bad input: clear errors", async (t) => {
     ["<domaincheckpoint><name>a</name><name>b</name></domaincheckpoint>", /more than once/],
     ["<domaincheckpoint><name>a/b</name></domaincheckpoint>", /must not contain '\/'/],
     ["<domaincheckpoint><name>a b</name></domaincheckpoint>", /white space/],
-    [`<domaincheckpoint><name>${"x".repeat(256)}</name></domaincheckpoint>`, /longer than 255 bytes/],
+    [
+      `<domaincheckpoint><name>${"x".repeat(MAX_NAME_BYTES + 1)}</name></domaincheckpoint>`,
+      new RegExp(`longer than ${MAX_NAME_BYTES} bytes`),
+    ],
     ["<domaincheckpoint><name>a&#1;b</name></domaincheckpoint>", /control characters/],
     ["<domaincheckpoint><disks/></domaincheckpoint>", /at least one <disk>/],
     ["<domaincheckpoint><disks><disk name='vda' checkpoint='maybe'/></disks></domaincheckpoint>", /'bitmap' or 'no'/],

@@ -20,6 +20,15 @@ t.test("defaults and flags", async (t) => {
   t.match(f, { stateDir: "/flag", allowDirs: ["/b", "/c"], backupDir: "/flag/backups" });
 });
 
+t.test("the log level: the file's, or the flag's (which wins); names only", async (t) => {
+  t.equal(parseConfig(undefined, {})._unsafeUnwrap().logLevel, undefined, "unset: main.ts uses info");
+  t.equal(parseConfig('{"logLevel": "warn"}', {})._unsafeUnwrap().logLevel, "warn");
+  t.equal(parseConfig('{"logLevel": "warn"}', { logLevel: "debug" })._unsafeUnwrap().logLevel, "debug");
+  for (const bad of ['{"logLevel": "loud"}', '{"logLevel": 30}', '{"logLevel": "INFO"}'])
+    t.match(parseConfig(bad, {})._unsafeUnwrapErr(), { code: "config-invalid", message: /logLevel must be one of trace, debug/ }, bad);
+  t.match(parseConfig("{}", { logLevel: "verbose" })._unsafeUnwrapErr(), { code: "config-invalid", message: /logLevel/ });
+});
+
 t.test("the example configuration parses", async (t) => {
   const c = parseConfig(readFileSync(join(ROOT, "packaging", "config.example.json"), "utf8"), {})._unsafeUnwrap();
   t.equal(c.domains.length, 2);

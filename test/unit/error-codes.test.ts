@@ -59,6 +59,8 @@ const EXPECTED = {
   "unknown-domain": [404, EXIT.notFound],
   "bad-request": [400, EXIT.usage],
   "too-large": [413, EXIT.usage],
+  "method-not-allowed": [405, EXIT.usage],
+  "unsupported-media-type": [415, EXIT.usage],
   internal: [500, EXIT.failed],
 } as const satisfies Record<ApiErrorCode, Row>;
 
@@ -77,7 +79,7 @@ t.test("a code outside the union is a programming error, not a silent 500", asyn
 
 t.test("exit codes by status: success, and statuses no code maps to", async (t) => {
   for (const s of [200, 201, 202, 204, 302]) t.equal(exitCodeForStatus(s), EXIT.ok, `${s}`);
-  for (const s of [401, 405, 500, 501, 502]) t.equal(exitCodeForStatus(s), EXIT.failed, `${s}: the operation failed`);
+  for (const s of [401, 500, 501, 502]) t.equal(exitCodeForStatus(s), EXIT.failed, `${s}: the operation failed`);
   t.same(new Set(Object.values(EXIT)), new Set([0, 1, 2, 3, 4, 5, 6]), "exit codes 0-6, each documented in the README");
 });
 

@@ -115,6 +115,10 @@ t.test("B6: a checkpoint in the store counts as committed although the record sa
   t.equal(r.flags.checkpointCommitted, true);
   const r2 = reconcileRecord(record({ state: "begin", step: "checkpoint", checkpoint: cp }), snap(), facts);
   t.equal(r2.flags.checkpointCommitted, false, "and not when the store does not have it");
+  // our transaction never ran (no job in QEMU, none recorded): a checkpoint of that name is someone else's
+  const before = record({ state: "begin", step: "transaction", checkpoint: cp });
+  const r3 = reconcileRecord({ ...before, flags: { ...before.flags, txDone: false } }, snap(), { ...facts, checkpointInStore: true });
+  t.equal(r3.flags.checkpointCommitted, false, "nor when our transaction never ran (attack-checkpoint-race)");
 });
 
 t.test("B5: a pull caught at or after its exports step owns the NBD server unless another owner exports", async (t) => {
