@@ -129,6 +129,13 @@ t.test("a domain: jobinfo, checkpoints, units, wait --job, set-bandwidth, events
   const jobId = /job (\S+)\)/.exec(begin.stdout)?.[1];
   t.ok(jobId, begin.stdout);
   t.match(begin.stdout, new RegExp(`vda: ${backups}/`), "the target of each disk");
+  // on a terminal: the bar with an ETA, and the timeout's message on a line of its own
+  const tty = await new Promise<string>((resolve) => {
+    const cmd = `${join(ROOT, "bin", "qbackup")} --socket ${d.socket} wait vm1 --timeout 1`;
+    execFile("script", ["-qec", cmd, "/dev/null"], { env: ENV, timeout: 20_000 }, (_e, stdout) => resolve(stdout));
+  });
+  t.match(tty, /\r\[[#-]{30}\] +\d+% .* ETA \d+(m\d\ds|s)/, "a progress bar with an ETA");
+  t.match(tty, /\n\r?qbackup: timed out waiting for the backup on 'vm1'/, "the timeout is not printed after the bar");
   const info = (await ok("domjobinfo", "vm1")).stdout;
   t.match(info, /^Job type:\s+Unbounded/);
   t.match(info, /Data processed:\s+\d+\.\d{3} (B|KiB|MiB)\n/);
