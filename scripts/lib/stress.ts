@@ -99,8 +99,12 @@ export async function stress(t: Teardown, n: number, log: (s: string) => void = 
   const waits = await Promise.all(
     vms.map(async (_, i) => {
       for (let k = 0; k < 400; k++) {
-        const r = await cli(d.socket, ["--json", "domjobinfo", `vm${i}`]);
-        if (r.code === 0 || (await cli(d.socket, ["domjobinfo", `vm${i}`, "--completed"])).code === 0) break;
+        // domjobinfo answers "Job type: None" (exit 0, as virsh) until the restarted daemon has adopted the job
+        const some = async (...args: string[]) => {
+          const r = await cli(d.socket, ["--json", "domjobinfo", `vm${i}`, ...args]);
+          return r.code === 0 && (JSON.parse(r.stdout) as { type?: string }).type !== "None";
+        };
+        if ((await some()) || (await some("--completed"))) break;
         await new Promise((res) => setTimeout(res, 50));
       }
       await new (await import("../../src/cli/client.js")).ApiClient(d.socket).request("PUT", `/v1/domains/vm${i}/backup/bandwidth`, {

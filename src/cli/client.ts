@@ -56,10 +56,16 @@ export class ApiClient {
     });
   }
 
-  /** Stream NDJSON lines until the connection ends. */
-  stream(path: string, onLine: (line: string) => void): Promise<CallError | undefined> {
+  /** Stream NDJSON lines until the connection ends, or for `timeoutMs` (then it ends without an error). */
+  stream(path: string, onLine: (line: string) => void, timeoutMs?: number): Promise<CallError | undefined> {
     return new Promise((resolve) => {
+      let timer: NodeJS.Timeout | undefined;
       const req = http.request({ socketPath: this.socketPath, method: "GET", path }, (res) => {
+        if (timeoutMs !== undefined)
+          timer = setTimeout(() => {
+            resolve(undefined);
+            req.destroy();
+          }, timeoutMs);
         let buf = "";
         res.setEncoding("utf8");
         res.on("data", (d: string) => {
@@ -71,7 +77,12 @@ export class ApiClient {
             nl = buf.indexOf("\n");
           }
         });
-        res.on("end", () => resolve(undefined));
+        res.on("end", () => {
+          clearTimeout(timer);
+          resolve(undefined);
+        });
+        // destroyed at the timeout: already answered
+        res.on("error", () => resolve(undefined));
       });
       req.on("error", (e) => resolve({ code: "unreachable", message: `cannot reach qbackupd at ${this.socketPath}: ${e.message}` }));
       req.end();

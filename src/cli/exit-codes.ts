@@ -20,6 +20,17 @@ export const EXIT = {
   timeout: 6,
 } as const;
 
+/** What each exit code means, for the man page (and the README says the same). */
+export const EXIT_MEANING: readonly (readonly [number, string])[] = [
+  [EXIT.ok, "success"],
+  [EXIT.failed, "the operation ran and failed (backup failed or cancelled, QEMU error, internal error)"],
+  [EXIT.usage, "bad usage, or a request the daemon refused as malformed or unsupported"],
+  [EXIT.notFound, "domain, checkpoint or job not found"],
+  [EXIT.conflict, "conflict: busy, exists, invalid checkpoint, path refused"],
+  [EXIT.unavailable, "the daemon or the domain's QEMU is unreachable"],
+  [EXIT.timeout, "timed out"],
+];
+
 export function exitCodeForStatus(status: number): number {
   if (status < 400) return EXIT.ok;
   switch (status) {

@@ -1,23 +1,57 @@
 /**
- * `qbackup`: the command-line client of qbackupd, with virsh-like verbs.
- * Human output by default, --json for scripts; errors are one line on
- * stderr; exit codes from exit-codes.ts.
+ * `qbackup`: the command-line client of qbackupd, with virsh's verbs and
+ * virsh's behaviour where virsh has the verb (differences kept are listed in
+ * the README with their reasons). Human output by default, --json for
+ * scripts; errors are one line on stderr (under --json one JSON object
+ * {code,message}); exit codes from exit-codes.ts. It never changes anything
+ * but through the daemon's API.
  */
 import { readFileSync } from "node:fs";
 import { Command, CommanderError } from "commander";
 import { escapeText } from "../conf/escape.js";
+import { packageVersion } from "../version.js";
+import { type CheckpointRow, checkpointListSelect, checkpointTreeRender, type ListOptions, localTime } from "./checkpoint-list.js";
 import { ApiClient, type ApiReply, isCallError } from "./client.js";
-import { EXIT, exitCodeForStatus } from "./exit-codes.js";
+import { bashCompletion, manPage } from "./docs.js";
+import { EXIT, EXIT_MEANING, exitCodeForStatus } from "./exit-codes.js";
+import { diskTarget, type JobInfoLike, jobText, jobType, progressBar } from "./jobinfo.js";
+import { sizeFormat, sizeParse } from "./units.js";
 
 const DEFAULT_SOCKET = "/run/qbackupd/qbackupd.sock";
 
+/** A failure the CLI reports: `code` is the daemon's error code, or the CLI's own (usage, unreachable, timeout). */
 class CliFailure extends Error {
   constructor(
     message: string,
     readonly exitCode: number,
+    readonly code: string = codeForExit(exitCode),
   ) {
     super(message);
   }
+}
+
+function codeForExit(exit: number): string {
+  switch (exit) {
+    case EXIT.usage:
+      return "usage";
+    case EXIT.notFound:
+      return "not-found";
+    case EXIT.conflict:
+      return "conflict";
+    case EXIT.unavailable:
+      return "unreachable";
+    case EXIT.timeout:
+      return "timeout";
+    default:
+      return "failed";
+  }
+}
+
+/** A size argument with units (virsh's scaled integers); a usage error otherwise. */
+function sizeArg(v: string): number {
+  const r = sizeParse(v);
+  if (r.isErr()) throw new CliFailure(r.error.message, EXIT.usage);
+  return r.value;
 }
 
 interface Ctx {
@@ -35,14 +69,28 @@ function readXml(path: string | undefined): string | undefined {
   }
 }
 
-async function call(ctx: Ctx, method: string, path: string, body?: unknown): Promise<ApiReply> {
+/** Any answer of the daemon, errors included; only an unreachable daemon throws. */
+async function ask(ctx: Ctx, method: string, path: string, body?: unknown): Promise<ApiReply> {
   const r = await ctx.api.request(method, path, body);
-  if (isCallError(r)) throw new CliFailure(r.message, EXIT.unavailable);
-  if (r.status >= 400) {
-    const b = r.body as { message?: string };
-    const message = typeof b === "object" && b !== null && typeof b.message === "string" ? b.message : r.text;
-    throw new CliFailure(message, exitCodeForStatus(r.status));
-  }
+  if (isCallError(r)) throw new CliFailure(r.message, EXIT.unavailable, r.code);
+  return r;
+}
+
+function failureOf(r: ApiReply): CliFailure {
+  const b = r.body as { message?: string; code?: string };
+  const message = typeof b === "object" && b !== null && typeof b.message === "string" ? b.message : r.text;
+  const code = typeof b === "object" && b !== null && typeof b.code === "string" ? b.code : undefined;
+  return new CliFailure(message, exitCodeForStatus(r.status), code);
+}
+
+const errorCode = (r: ApiReply): string | undefined => {
+  const b = r.body as { code?: unknown };
+  return typeof b === "object" && b !== null && typeof b.code === "string" ? b.code : undefined;
+};
+
+async function call(ctx: Ctx, method: string, path: string, body?: unknown): Promise<ApiReply> {
+  const r = await ask(ctx, method, path, body);
+  if (r.status >= 400) throw failureOf(r);
   return r;
 }
 
@@ -52,115 +100,102 @@ function out(ctx: Ctx, value: unknown, human: () => string): void {
   process.stdout.write(ctx.json ? `${JSON.stringify(value, null, 2)}\n` : human());
 }
 
-interface JobInfoLike {
-  id: string;
-  domain: string;
-  mode: string;
-  state: string;
-  active: boolean;
-  incremental?: string;
-  checkpoint?: string;
-  startedAt: string;
-  endedAt?: string;
-  elapsedMs: number;
-  bytesDone: number;
-  bytesTotal: number;
-  rate: number;
-  error?: string;
-  nbd?: string;
-  durable?: boolean;
-  disks: { name: string; state: string; bytesDone: number; bytesTotal: number; file: string; exportName?: string }[];
-}
-
-const MiB = 1024 * 1024;
-const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
-
-function jobText(j: JobInfoLike): string {
-  const rows: [string, string][] = [
-    ["Job type", j.active ? "Active" : "Completed"],
-    ["Operation", `Backup (${j.mode})`],
-    ["State", j.state],
-    ["Time elapsed", `${j.elapsedMs} ms`],
-    ["Data processed", mib(j.bytesDone)],
-    ["Data total", mib(j.bytesTotal)],
-    ["Rate", `${mib(j.rate)}/s`],
-  ];
-  if (j.incremental) rows.push(["Incremental since", j.incremental]);
-  if (j.checkpoint) rows.push(["Checkpoint", j.checkpoint]);
-  if (j.nbd) rows.push(["NBD server", j.nbd]);
-  if (j.durable === false) rows.push(["Durable", "no (ready once copied, not waiting for the disk)"]);
-  if (j.error) rows.push(["Error", j.error]);
-  for (const d of j.disks)
-    rows.push([
-      `Disk ${d.name}`,
-      `${d.state} ${mib(d.bytesDone)}/${mib(d.bytesTotal)} ${d.exportName ? `export ${d.exportName}` : d.file}`,
-    ]);
-  return `${rows.map(([k, v]) => `${`${k}:`.padEnd(20)}${v}`).join("\n")}\n`;
-}
-
+/** virsh's vshTable layout: each cell after one space, columns three spaces apart, a rule of dashes. */
 function table(header: string[], rows: string[][]): string {
   const w = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
   const line = (r: string[]) =>
     r
-      .map((c, i) => c.padEnd(w[i]!))
-      .join("   ")
+      .map((c, i) => ` ${c.padEnd(w[i]!)}`)
+      .join("  ")
       .trimEnd();
-  return `${[line(header), w.map((x) => "-".repeat(x)).join("---"), ...rows.map(line)].join("\n")}\n`;
+  return `${[line(header), "-".repeat(w.reduce((a, x) => a + x + 3, 0)), ...rows.map(line)].join("\n")}\n`;
 }
 
 function settledExit(j: JobInfoLike): number {
   return j.state === "ready" ? EXIT.ok : EXIT.failed;
 }
 
-function progressBar(j: JobInfoLike): string {
-  const frac = j.bytesTotal > 0 ? j.bytesDone / j.bytesTotal : 0;
-  const width = 30;
-  const filled = Math.round(frac * width);
-  return `\r[${"#".repeat(filled)}${"-".repeat(width - filled)}] ${(frac * 100).toFixed(0).padStart(3)}% ${mib(j.bytesDone)} / ${mib(j.bytesTotal)}  ${mib(j.rate)}/s `;
-}
+const settledText = (j: JobInfoLike) => `backup ${j.state}${j.error ? `: ${j.error}` : ""} (job ${j.id})\n`;
 
-async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined): Promise<number> {
+/**
+ * Wait for the running backup (or, with `job`, for that job only) to settle.
+ * Without `job` and with nothing running, the last finished backup is the
+ * answer (a job may settle before `wait` starts); with `job`, another job's
+ * outcome never is: a refused begin followed by `wait --job` is "not found".
+ */
+async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined, job: string | undefined): Promise<number> {
   const deadline = timeoutS === undefined ? Number.POSITIVE_INFINITY : Date.now() + timeoutS * 1000;
   const tty = process.stdout.isTTY === true && !ctx.json;
+  const notThatJob = (found: string | undefined) =>
+    new CliFailure(
+      `backup job '${job}' is neither running nor the last finished one on '${domain}'${found === undefined ? "" : ` (that is '${found}')`}`,
+      EXIT.notFound,
+      "no-job",
+    );
+  let drawn = false;
   for (;;) {
     const left = deadline - Date.now();
-    if (left <= 0) throw new CliFailure(`timed out waiting for the backup on '${domain}'`, EXIT.timeout);
-    const r = await ctx.api.request("GET", `/v1/domains/${enc(domain)}/backup`);
-    if (isCallError(r)) throw new CliFailure(r.message, EXIT.unavailable);
-    if (r.status === 404) {
-      // no running job: report the last finished one
-      const done = await call(ctx, "GET", `/v1/domains/${enc(domain)}/backup?completed=1`);
+    if (left <= 0) {
+      // the message goes on its own line, not after the progress bar
+      if (drawn) process.stdout.write("\n");
+      throw new CliFailure(`timed out waiting for the backup on '${domain}'`, EXIT.timeout);
+    }
+    const r = await ask(ctx, "GET", `/v1/domains/${enc(domain)}/backup`);
+    const running = r.status < 400 ? (r.body as JobInfoLike) : undefined;
+    if (r.status >= 400 && errorCode(r) !== "no-job") throw failureOf(r);
+    if (running === undefined || (job !== undefined && running.id !== job)) {
+      // nothing running (or another job): the last finished one, if it is the one asked for
+      const done = await ask(ctx, "GET", `/v1/domains/${enc(domain)}/backup?completed=1`);
+      if (done.status >= 400) {
+        if (job !== undefined && errorCode(done) === "no-job") throw notThatJob(running?.id);
+        throw failureOf(done);
+      }
       const j = done.body as JobInfoLike;
-      if (tty) process.stdout.write("\n");
-      out(ctx, j, () => `backup ${j.state}${j.error ? `: ${j.error}` : ""}\n`);
+      if (job !== undefined && j.id !== job) throw notThatJob(running?.id ?? j.id);
+      // the bar's last frame is the finished job's, not the last one polled (91% before "backup ready")
+      if (drawn) process.stdout.write(`${progressBar(j)}\n`);
+      out(ctx, j, () => settledText(j));
       return settledExit(j);
     }
-    if (r.status >= 400) return call(ctx, "GET", `/v1/domains/${enc(domain)}/backup`).then(() => EXIT.failed);
-    const j = r.body as JobInfoLike;
+    const j = running;
     if (j.state === "ready" || j.state === "failed" || j.state === "cancelled") {
       if (tty) process.stdout.write(`${progressBar(j)}\n`);
-      out(ctx, j, () => `backup ${j.state}${j.error ? `: ${j.error}` : ""}\n`);
+      out(ctx, j, () => settledText(j));
       return settledExit(j);
     }
-    if (tty) process.stdout.write(progressBar(j));
-    if (tty) await new Promise((res) => setTimeout(res, 250));
-    else {
+    if (tty) {
+      process.stdout.write(progressBar(j));
+      drawn = true;
+      await new Promise((res) => setTimeout(res, 250));
+    } else {
       // long poll: the daemon answers as soon as the job settles
       const slice = Math.min(30, Math.max(0, Math.ceil(left / 1000)));
       const w = await ctx.api.request("GET", `/v1/domains/${enc(domain)}/backup/wait?timeout=${Number.isFinite(slice) ? slice : 30}`);
-      if (isCallError(w)) throw new CliFailure(w.message, EXIT.unavailable);
+      if (isCallError(w)) throw new CliFailure(w.message, EXIT.unavailable, w.code);
     }
   }
 }
+
+/** Set by main() from the raw arguments, before commander parses them (its own errors come first). */
+let jsonErrors = false;
+/** The raw arguments: commander folds --leaves and --no-leaves into one value, virsh applies both. */
+let rawArgs: readonly string[] = [];
 
 export function buildCli(setExit: (code: number) => void): Command {
   const program = new Command("qbackup");
   program
     .description("Command-line client of qbackupd, the QEMU backup daemon")
     .option("--socket <path>", "daemon socket (also $QBACKUP_SOCKET)", process.env.QBACKUP_SOCKET ?? DEFAULT_SOCKET)
-    .option("--json", "machine-readable output", false)
+    .option("--json", "machine-readable output (errors too: one JSON object {code,message} on stderr)", false)
+    .version(packageVersion(), "-V, --version", "print the version")
     .showHelpAfterError(false)
-    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+    .configureOutput({
+      writeErr: (s) => process.stderr.write(s),
+      // under --json, main() reports commander's errors as JSON instead
+      outputError: (s, write) => {
+        if (!jsonErrors) write(s);
+      },
+    });
   const ctx = (): Ctx => {
     const o = program.opts<{ socket: string; json: boolean }>();
     return { api: new ApiClient(o.socket), json: o.json };
@@ -222,7 +257,7 @@ export function buildCli(setExit: (code: number) => void): Command {
     .description("start a backup (push or pull per the XML; full push of all disks without one)")
     .option("--reuse-external", "use target files the caller created")
     .option("--quiesce", "freeze guest filesystems through the guest agent")
-    .option("--bandwidth <bytes>", "per-disk limit in bytes/s", (v) => Number(v))
+    .option("--bandwidth <size>", "per-disk limit per second: bytes, or with a unit (64K, 100M, 1.5GiB)", sizeArg)
     .option("--no-durable", "push: report ready once copied, without waiting for the targets to reach the disk")
     .action(
       async (
@@ -242,7 +277,12 @@ export function buildCli(setExit: (code: number) => void): Command {
         };
         const r = await call(c, "POST", `/v1/domains/${enc(domain)}/backup`, body);
         const j = r.body as JobInfoLike;
-        out(c, j, () => `Backup started (${j.mode}, job ${j.id})${j.nbd ? `: NBD at ${j.nbd}` : ""}\n`);
+        out(
+          c,
+          j,
+          () =>
+            `Backup started (${j.mode}, job ${j.id})${j.nbd ? `: NBD server ${j.nbd}` : ""}\n${j.disks.map((d) => `  ${d.name}: ${diskTarget(j, d)}\n`).join("")}`,
+        );
       },
     );
   program
@@ -255,12 +295,14 @@ export function buildCli(setExit: (code: number) => void): Command {
     });
   program
     .command("domjobinfo <domain>")
-    .description("state and progress of the running backup")
+    .description("state and progress of the running backup (Job type: None when there is none, as virsh)")
     .option("--completed", "the last finished backup instead")
     .action(async (domain: string, o: { completed?: boolean }) => {
       const c = ctx();
-      const r = await call(c, "GET", `/v1/domains/${enc(domain)}/backup${o.completed ? "?completed=1" : ""}`);
-      out(c, r.body, () => jobText(r.body as JobInfoLike));
+      const r = await ask(c, "GET", `/v1/domains/${enc(domain)}/backup${o.completed ? "?completed=1" : ""}`);
+      if (r.status >= 400 && errorCode(r) !== "no-job") throw failureOf(r);
+      const j = r.status >= 400 ? undefined : (r.body as JobInfoLike);
+      out(c, j === undefined ? { type: "None" } : { ...j, type: jobType(j) }, () => jobText(j));
     });
   program
     .command("domjobabort <domain>")
@@ -272,13 +314,23 @@ export function buildCli(setExit: (code: number) => void): Command {
       out(c, j, () => `Backup ${j.mode === "pull" && j.state === "ready" ? "ended" : j.state}\n`);
     });
   program
+    .command("set-bandwidth <domain> <bandwidth>")
+    .description("change the running backup's per-disk limit per second (bytes or with a unit: 100M, 1.5GiB; 0: none)")
+    .action(async (domain: string, bw: string) => {
+      const c = ctx();
+      const r = await call(c, "PUT", `/v1/domains/${enc(domain)}/backup/bandwidth`, { bandwidth: sizeArg(bw) });
+      const b = r.body as { bandwidth: number };
+      out(c, b, () => (b.bandwidth === 0 ? "Bandwidth unlimited\n" : `Bandwidth set to ${sizeFormat(b.bandwidth)}/s\n`));
+    });
+  program
     .command("wait <domain>")
     .description("wait until the backup is ready (push: complete; pull: exports served)")
     .option("--timeout <seconds>", "give up after this long", (v) => Number(v))
-    .action(async (domain: string, o: { timeout?: number }) => {
+    .option("--job <id>", "only this job (backup-begin prints its id): another job's outcome is never the answer")
+    .action(async (domain: string, o: { timeout?: number; job?: string }) => {
       if (o.timeout !== undefined && (!Number.isFinite(o.timeout) || o.timeout < 0))
         throw new CliFailure("--timeout takes seconds", EXIT.usage);
-      setExit(await waitVerb(ctx(), domain, o.timeout));
+      setExit(await waitVerb(ctx(), domain, o.timeout, o.job));
     });
 
   program
@@ -299,44 +351,76 @@ export function buildCli(setExit: (code: number) => void): Command {
       out(c, cp, () => `Domain checkpoint ${cp.name} ${o.redefine ? "redefined" : "created"}\n`);
     });
   program
-    .command("checkpoint-create-as <domain> [name]")
-    .description("create a checkpoint from a name and description")
+    .command("checkpoint-create-as <domain> [name] [description]")
+    .description("create a checkpoint from a name and description (both also as --name, --description, as virsh)")
+    .option("--name <name>", "name")
     .option("--description <text>", "description")
+    .option("--print-xml", "print the XML instead of creating the checkpoint")
     .option("--quiesce", "freeze guest filesystems through the guest agent")
-    .action(async (domain: string, name: string | undefined, o: { description?: string; quiesce?: boolean }) => {
-      const c = ctx();
-      const xml = `<domaincheckpoint>${name !== undefined ? `<name>${escapeText(name)}</name>` : ""}${o.description !== undefined ? `<description>${escapeText(o.description)}</description>` : ""}</domaincheckpoint>`;
-      const r = await call(c, "POST", `/v1/domains/${enc(domain)}/checkpoints`, { xml, quiesce: o.quiesce === true });
-      const cp = r.body as { name: string };
-      out(c, cp, () => `Domain checkpoint ${cp.name} created\n`);
-    });
+    .action(
+      async (
+        domain: string,
+        posName: string | undefined,
+        posDesc: string | undefined,
+        o: { name?: string; description?: string; printXml?: boolean; quiesce?: boolean },
+      ) => {
+        if (posName !== undefined && o.name !== undefined) throw new CliFailure("the name is given twice", EXIT.usage);
+        if (posDesc !== undefined && o.description !== undefined) throw new CliFailure("the description is given twice", EXIT.usage);
+        const name = posName ?? o.name;
+        const description = posDesc ?? o.description;
+        const c = ctx();
+        const xml = `<domaincheckpoint>${name !== undefined ? `<name>${escapeText(name)}</name>` : ""}${description !== undefined ? `<description>${escapeText(description)}</description>` : ""}</domaincheckpoint>`;
+        if (o.printXml) {
+          out(c, { xml }, () => `${xml}\n`);
+          return;
+        }
+        const r = await call(c, "POST", `/v1/domains/${enc(domain)}/checkpoints`, { xml, quiesce: o.quiesce === true });
+        const cp = r.body as { name: string };
+        out(c, cp, () => `Domain checkpoint ${cp.name} created\n`);
+      },
+    );
   program
     .command("checkpoint-list <domain>")
-    .description("list checkpoints")
-    .option("--name", "names only, one per line, oldest first")
+    .description("list checkpoints, sorted by name (filters combine as virsh's)")
+    .option("--name", "names only, one per line")
     .option("--tree", "the hierarchy")
     .option("--roots", "only checkpoints without a parent")
     .option("--leaves", "only checkpoints without children")
-    .option("--topological", "parents before children")
+    .option("--no-leaves", "only checkpoints with children")
+    .option("--topological", "parents before children instead of by name")
     .option("--parent", "show each checkpoint's parent")
-    .option("--from <name>", "descendants of this checkpoint")
+    .option("--from <name>", "children of this checkpoint")
     .option("--descendants", "with --from: all levels, not only children")
     .action(async (domain: string, o: Record<string, boolean | string | undefined>) => {
+      // commander folds --leaves/--no-leaves into one "leaves" (the last wins); virsh applies both filters
+      const both = rawArgs.includes("--leaves") && rawArgs.includes("--no-leaves");
+      const opts: ListOptions = {
+        name: o.name === true,
+        tree: o.tree === true,
+        roots: o.roots === true,
+        leaves: o.leaves === true || both,
+        noLeaves: o.leaves === false || both,
+        topological: o.topological === true,
+        parent: o.parent === true,
+        from: typeof o.from === "string" ? o.from : undefined,
+        descendants: o.descendants === true,
+      };
       const c = ctx();
-      if (o.tree) {
-        const r = await call(c, "GET", `/v1/domains/${enc(domain)}/checkpoints?tree=1`);
-        out(c, { tree: r.text }, () => r.text);
+      const r = await call(c, "GET", `/v1/domains/${enc(domain)}/checkpoints`);
+      const sel = checkpointListSelect(r.body as CheckpointRow[], opts);
+      if (sel.isErr())
+        throw new CliFailure(
+          sel.error.code === "not-found" ? `${sel.error.message} in domain '${domain}'` : sel.error.message,
+          sel.error.code === "usage" ? EXIT.usage : EXIT.notFound,
+          sel.error.code,
+        );
+      const list = sel.value;
+      if (opts.tree) {
+        const text = checkpointTreeRender(list, opts.from);
+        out(c, { tree: text }, () => text);
         return;
       }
-      const q = new URLSearchParams();
-      if (o.roots) q.set("roots", "1");
-      if (o.leaves) q.set("leaves", "1");
-      if (o.topological) q.set("topological", "1");
-      if (typeof o.from === "string") q.set("descendants", o.from);
-      if (o.descendants) q.set("deep", "1");
-      const r = await call(c, "GET", `/v1/domains/${enc(domain)}/checkpoints?${q}`);
-      const list = r.body as { name: string; parent: string | null; creationTime: number; valid: boolean | null; current: boolean }[];
-      if (o.name) {
+      if (opts.name) {
         out(
           c,
           list.map((x) => x.name),
@@ -344,20 +428,37 @@ export function buildCli(setExit: (code: number) => void): Command {
         );
         return;
       }
-      const header = ["Name", "Creation Time", ...(o.parent ? ["Parent"] : []), "Valid"];
+      const header = ["Name", "Creation Time", ...(opts.parent ? ["Parent"] : []), "Valid"];
       out(c, list, () =>
         table(
           header,
           list.map((x) => [
             `${x.name}${x.current ? " *" : ""}`,
-            new Date(x.creationTime * 1000)
-              .toISOString()
-              .replace("T", " ")
-              .replace(/\.\d+Z$/, " +0000"),
-            ...(o.parent ? [x.parent ?? "-"] : []),
+            localTime(x.creationTime),
+            ...(opts.parent ? [x.parent ?? ""] : []),
             x.valid === null ? "unknown" : x.valid ? "yes" : "NO",
           ]),
         ),
+      );
+    });
+  program
+    .command("checkpoint-info <domain> <name>")
+    .description("a checkpoint's name, domain, parent, number of children and descendants")
+    .action(async (domain: string, name: string) => {
+      const c = ctx();
+      const r = await call(c, "GET", `/v1/domains/${enc(domain)}/checkpoints`);
+      const all = r.body as CheckpointRow[];
+      const cp = all.find((x) => x.name === name);
+      if (cp === undefined) throw new CliFailure(`checkpoint '${name}' does not exist in domain '${domain}'`, EXIT.notFound, "not-found");
+      const children = checkpointListSelect(all, { from: name })._unsafeUnwrap().length;
+      const descendants = checkpointListSelect(all, { from: name, descendants: true })._unsafeUnwrap().length;
+      const info = { name, domain, parent: cp.parent, children, descendants };
+      const row = (k: string, v: string) => `${`${k}:`.padEnd(15)} ${v}\n`;
+      out(
+        c,
+        info,
+        () =>
+          `${row("Name", name)}${row("Domain", domain)}${row("Parent", cp.parent ?? "-")}${row("Children", String(children))}${row("Descendants", String(descendants))}`,
       );
     });
   program
@@ -397,31 +498,59 @@ export function buildCli(setExit: (code: number) => void): Command {
     });
   program
     .command("events [domain]")
-    .description("stream events (NDJSON with --json) until interrupted")
-    .action(async (domain: string | undefined) => {
+    .description("stream events (NDJSON with --json) until interrupted or --timeout")
+    .option("--timeout <seconds>", "stop after this long (exit 0)", (v) => Number(v))
+    .action(async (domain: string | undefined, o: { timeout?: number }) => {
+      if (o.timeout !== undefined && (!Number.isFinite(o.timeout) || o.timeout <= 0))
+        throw new CliFailure("--timeout takes seconds", EXIT.usage);
       const c = ctx();
-      const e = await c.api.stream(`/v1/events${domain ? `?domain=${enc(domain)}` : ""}`, (line) => {
-        if (c.json) process.stdout.write(`${line}\n`);
-        else {
-          try {
-            const ev = JSON.parse(line) as { type: string; domain?: string; time: string; job?: JobInfoLike; message?: string };
-            if (ev.type === "hello") return;
-            const detail = ev.job
-              ? `${ev.job.mode} ${ev.job.state}${ev.job.error ? `: ${ev.job.error}` : ""} ${mib(ev.job.bytesDone)}/${mib(ev.job.bytesTotal)}`
-              : (ev.message ?? "");
-            process.stdout.write(`${ev.time} ${ev.domain ?? "-"} ${ev.type} ${detail}\n`);
-          } catch {
-            process.stdout.write(`${line}\n`);
+      // an unknown domain would stream nothing, forever: virsh refuses it at once
+      if (domain !== undefined) await call(c, "GET", `/v1/domains/${enc(domain)}`);
+      const e = await c.api.stream(
+        `/v1/events${domain ? `?domain=${enc(domain)}` : ""}`,
+        (line) => {
+          if (c.json) process.stdout.write(`${line}\n`);
+          else {
+            try {
+              const ev = JSON.parse(line) as { type: string; domain?: string; time: string; job?: JobInfoLike; message?: string };
+              if (ev.type === "hello") return;
+              const detail = ev.job
+                ? `${ev.job.mode} ${ev.job.state}${ev.job.error ? `: ${ev.job.error}` : ""} ${sizeFormat(ev.job.bytesDone)}/${sizeFormat(ev.job.bytesTotal)}`
+                : (ev.message ?? "");
+              process.stdout.write(`${ev.time} ${ev.domain ?? "-"} ${ev.type} ${detail}\n`);
+            } catch {
+              process.stdout.write(`${line}\n`);
+            }
           }
-        }
-      });
-      if (e !== undefined) throw new CliFailure(e.message, EXIT.unavailable);
+        },
+        o.timeout === undefined ? undefined : o.timeout * 1000,
+      );
+      if (e !== undefined) throw new CliFailure(e.message, EXIT.unavailable, e.code);
+    });
+  program
+    .command("completion <shell>")
+    .description(
+      "print a completion script (bash), generated from these definitions: source it, or install it in /usr/share/bash-completion/completions/qbackup",
+    )
+    .action((shell: string) => {
+      if (shell !== "bash") throw new CliFailure(`no completion for '${shell}' (bash only)`, EXIT.usage);
+      process.stdout.write(bashCompletion(program));
+    });
+  program
+    .command("manpage")
+    .description("print the man page (roff), generated from these definitions: man -l <(qbackup manpage)")
+    .action(() => {
+      process.stdout.write(manPage(program, packageVersion(), EXIT_MEANING));
     });
   return program;
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
   let code: number = EXIT.ok;
+  jsonErrors = argv.includes("--json");
+  rawArgs = argv;
+  const fail = (e: { code: string; message: string }) =>
+    process.stderr.write(jsonErrors ? `${JSON.stringify({ code: e.code, message: e.message })}\n` : `qbackup: ${e.message}\n`);
   const program = buildCli((c) => {
     code = c;
   });
@@ -431,14 +560,16 @@ export async function main(argv: readonly string[]): Promise<number> {
     await program.parseAsync([...argv], { from: "user" });
   } catch (e) {
     if (e instanceof CliFailure) {
-      process.stderr.write(`qbackup: ${e.message}\n`);
+      fail(e);
       return e.exitCode;
     }
     if (e instanceof CommanderError) {
-      // commander already printed its message (or the help)
-      return e.exitCode === 0 ? EXIT.ok : EXIT.usage;
+      // commander already printed its message (or the help, or the version); under --json it kept its error for us
+      if (e.exitCode === 0) return EXIT.ok;
+      if (jsonErrors) fail({ code: "usage", message: e.message.replace(/^error: /, "") });
+      return EXIT.usage;
     }
-    process.stderr.write(`qbackup: ${(e as Error).message}\n`);
+    fail({ code: "failed", message: (e as Error).message });
     return EXIT.failed;
   }
   if (argv.length === 0) {

@@ -3,7 +3,7 @@
  * command-line flags that override it. Parsing and validation only.
  */
 import { readFileSync } from "node:fs";
-import { isAbsolute, join } from "node:path";
+import { isAbsolute, join, relative } from "node:path";
 import { err, ok, type Result } from "neverthrow";
 import { isLogLevel, LOG_LEVELS } from "../log.js";
 import type { ConfError } from "./errors.js";
@@ -52,6 +52,8 @@ export interface ConfigFlags {
   readonly config?: string | undefined;
   readonly socket?: string | undefined;
   readonly stateDir?: string | undefined;
+  /** Where targets are generated for a backup without XML (default <stateDir>/backups). */
+  readonly backupDir?: string | undefined;
   readonly allowDir?: readonly string[] | undefined;
   /** --log-level (or QBACKUPD_LOG_LEVEL, which main.ts passes here): wins over the file's logLevel. */
   readonly logLevel?: string | undefined;
@@ -122,7 +124,7 @@ export function parseConfig(fileText: string | undefined, flags: ConfigFlags): R
   if (stateDir.isErr()) return err(stateDir.error);
   const socket = absPath(flags.socket ?? o.socket ?? DEFAULT_SOCKET, "socket");
   if (socket.isErr()) return err(socket.error);
-  const backupDir = absPath(o.backupDir ?? join(stateDir.value, "backups"), "backupDir");
+  const backupDir = absPath(flags.backupDir ?? o.backupDir ?? join(stateDir.value, "backups"), "backupDir");
   if (backupDir.isErr()) return err(backupDir.error);
   const allowRaw = flags.allowDir !== undefined && flags.allowDir.length > 0 ? flags.allowDir : (o.allowDirs ?? [backupDir.value]);
   if (!Array.isArray(allowRaw)) return bad("allowDirs must be a list of absolute paths");
@@ -183,6 +185,21 @@ export function parseConfig(fileText: string | undefined, flags: ConfigFlags): R
     domains,
     logLevel,
   });
+}
+
+/**
+ * What holds but will not work as meant: generated targets (backupDir) outside
+ * every allowed directory make each backup without XML fail with "path refused".
+ */
+export function configWarnings(cfg: DaemonConfig): string[] {
+  const inside = (dir: string, p: string) => {
+    const r = relative(dir, p);
+    return r === "" || (!r.startsWith("..") && !isAbsolute(r));
+  };
+  if (cfg.allowDirs.some((a) => inside(a, cfg.backupDir))) return [];
+  return [
+    `backupDir ${cfg.backupDir} is outside the allowed directories (${cfg.allowDirs.join(", ")}): a backup without XML, whose targets are generated there, will be refused; set --backup-dir (backupDir) inside one of them, or allow it`,
+  ];
 }
 
 /** Read the file named by --config (required to exist) or the default path (optional). */

@@ -1,33 +1,30 @@
 /** `qbackupd`: the daemon's entry point: flags, configuration, signals. Runs in the foreground (systemd style). */
 import { parseArgs } from "node:util";
-import { type ConfigFlags, loadConfig } from "../conf/config.js";
+import { type ConfigFlags, configWarnings, loadConfig } from "../conf/config.js";
 import { envLogLevel, rootLogger } from "../log.js";
+import { packageVersion } from "../version.js";
 import { Daemon } from "./daemon.js";
+import { daemonManPage, daemonParseOptions, daemonUsage } from "./flags.js";
 
-const USAGE = `usage: qbackupd [--config FILE] [--socket PATH] [--state-dir DIR] [--allow-dir DIR]...
-                [--log-level LEVEL]
-
-Runs in the foreground. Defaults: --config /etc/qbackupd/config.json (optional),
---socket /run/qbackupd/qbackupd.sock, --state-dir /var/lib/qbackupd,
---allow-dir <state-dir>/backups, --log-level info (trace, debug, info, warn,
-error, fatal or silent; debug adds a line per API request). Flags override
-the environment (QBACKUPD_LOG_LEVEL), which overrides the configuration file.
-Signals: SIGHUP reloads the configuration; SIGTERM/SIGINT stop the daemon
-(backup jobs keep running inside QEMU).`;
+const USAGE = daemonUsage();
 
 export async function main(argv: readonly string[]): Promise<number> {
-  let values: { config?: string; socket?: string; "state-dir"?: string; "allow-dir"?: string[]; "log-level"?: string; help?: boolean };
+  let values: {
+    config?: string;
+    socket?: string;
+    "state-dir"?: string;
+    "backup-dir"?: string;
+    "allow-dir"?: string[];
+    "check-config"?: string;
+    "log-level"?: string;
+    manpage?: boolean;
+    help?: boolean;
+    version?: boolean;
+  };
   try {
     values = parseArgs({
       args: [...argv],
-      options: {
-        config: { type: "string" },
-        socket: { type: "string" },
-        "state-dir": { type: "string" },
-        "allow-dir": { type: "string", multiple: true },
-        "log-level": { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
+      options: daemonParseOptions(),
       strict: true,
     }).values;
   } catch (e) {
@@ -38,13 +35,27 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
+  if (values.manpage) {
+    process.stdout.write(daemonManPage(packageVersion()));
+    return 0;
+  }
+  if (values.version) {
+    process.stdout.write(`${packageVersion()}\n`);
+    return 0;
+  }
+  const checkOnly = values["check-config"];
+  if (checkOnly !== undefined && values.config !== undefined && values.config !== checkOnly) {
+    process.stderr.write("qbackupd: --check-config names the file to check; leave out --config\n");
+    return 2;
+  }
   const envLevel = process.env.QBACKUPD_LOG_LEVEL;
   if (envLevel !== undefined && envLevel !== "" && envLogLevel() === undefined)
     process.stderr.write(`qbackupd: QBACKUPD_LOG_LEVEL=${JSON.stringify(envLevel)} is no level name; ignored\n`);
   const flags: ConfigFlags = {
-    config: values.config,
+    config: checkOnly ?? values.config,
     socket: values.socket,
     stateDir: values["state-dir"],
+    backupDir: values["backup-dir"],
     allowDir: values["allow-dir"],
     logLevel: values["log-level"] ?? envLogLevel(),
   };
@@ -53,6 +64,13 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stderr.write(`qbackupd: ${cfg.error.message}\n`);
     return 2;
   }
+  const warnings = configWarnings(cfg.value);
+  if (checkOnly !== undefined) {
+    for (const w of warnings) process.stderr.write(`qbackupd: warning: ${w}\n`);
+    process.stdout.write(`${checkOnly}: configuration OK\n`);
+    return 0;
+  }
+  for (const w of warnings) rootLogger.warn({ backupDir: cfg.value.backupDir, allowDirs: cfg.value.allowDirs }, w);
   rootLogger.level = cfg.value.logLevel ?? "info";
   let daemon: Daemon;
   try {
@@ -78,6 +96,8 @@ export async function main(argv: readonly string[]): Promise<number> {
       const next = loadConfig(flags);
       if (next.isErr()) rootLogger.error({ error: next.error.message }, "reload refused: configuration invalid");
       else {
+        for (const w of configWarnings(next.value))
+          rootLogger.warn({ backupDir: next.value.backupDir, allowDirs: next.value.allowDirs }, w);
         // the level applies at once (a flag or the environment still wins over the file)
         rootLogger.level = next.value.logLevel ?? "info";
         void daemon.reload(next.value);

@@ -43,7 +43,10 @@ t.test("checkpoints stay valid across a daemon restart during a push", async (t)
   await connected(d2.socket);
   t.same(await valid(d2.socket), [["c1", true]], "valid after the restart, the push still running");
   // the restarted daemon adopts the running push a moment after it connects (QEMU 10.0 takes longer)
-  for (let i = 0; i < 200 && (await cli(d2.socket, ["domjobinfo", "vm1"])).code !== 0; i++) await new Promise((r) => setTimeout(r, 50));
+  // (domjobinfo answers "Job type: None", exit 0, as virsh, until then)
+  const adopted = async () =>
+    ((JSON.parse((await cli(d2.socket, ["--json", "domjobinfo", "vm1"])).stdout || "{}") as { type?: string }).type ?? "None") !== "None";
+  for (let i = 0; i < 200 && !(await adopted()); i++) await new Promise((r) => setTimeout(r, 50));
   await ok(d2.socket, "domjobabort", "vm1");
   t.same(await valid(d2.socket), [["c1", true]], "valid after the push ended");
 });
