@@ -55,7 +55,6 @@ export class JobManager {
   /** Domains whose begin is being prepared (validation is async: reserve the slot first). */
   private readonly beginning = new Map<string, Reservation>();
   /** Domains whose recovery runs: a begin then would race the adoption of the record (or its cleanup of leftovers). */
-  private readonly recovering = new Set<string>();
   /** The whole recovery of a domain, while it runs (a begin without a recorded job waits for it). */
   private readonly recoveries = new Map<string, Promise<void>>();
   /** Until a recovery knows the recorded job (registered, or none): questions about the domain's job wait for it. */
@@ -113,11 +112,9 @@ export class JobManager {
       if (this.unknown.get(domain.name) === pending) this.unknown.delete(domain.name);
       resolve();
     };
-    this.recovering.add(domain.name);
     this.unknown.set(domain.name, pending);
     const whole = this.recoverNow(domain, client, store, known).finally(() => {
       known();
-      this.recovering.delete(domain.name);
       if (this.recoveries.get(domain.name) === whole) this.recoveries.delete(domain.name);
     });
     this.recoveries.set(domain.name, whole);
@@ -197,7 +194,7 @@ export class JobManager {
    * Checkpoint changes and domain-remove are refused meanwhile (not only once the job exists).
    */
   busy(domain: string): boolean {
-    return this.active.get(domain)?.active === true || this.beginning.has(domain) || this.recovering.has(domain);
+    return this.active.get(domain)?.active === true || this.beginning.has(domain) || this.recoveries.has(domain);
   }
 
   /** The running job's info; with `completed`, the last finished job's. */

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import t from "tap";
 import { parseDomainConfig } from "../../src/conf/config.js";
 import { DomainRegistry } from "../../src/daemon/domains.js";
+import { REQUIRED_COMMANDS } from "../../src/qmp/capabilities.js";
 import { cli, connected, type RunningDaemon, startDaemon, until } from "../helpers/daemon.js";
 import { reply, startFakeQmp } from "../helpers/fake-qmp.js";
 import { mulberry32, nonsense, SAMPLES } from "../helpers/nonsense.js";
@@ -97,21 +98,7 @@ t.test("a throw while a domain connects fails that domain, not the process", asy
   const peer = await startFakeQmp(t, (cmd, p) => {
     const answers: Record<string, unknown> = {
       "query-version": { qemu: { major: 7, minor: 2, micro: 0 }, package: "fake-for-a-throw" },
-      "query-qmp-schema": [
-        "blockdev-add",
-        "blockdev-del",
-        "blockdev-backup",
-        "transaction",
-        "block-dirty-bitmap-add",
-        "block-dirty-bitmap-merge",
-        "block-dirty-bitmap-remove",
-        "query-jobs",
-        "job-dismiss",
-        "job-cancel",
-        "nbd-server-start",
-        "block-export-add",
-        "block-export-del",
-      ].map((name) => ({ name, "meta-type": "command" })),
+      "query-qmp-schema": REQUIRED_COMMANDS.map((name) => ({ name, "meta-type": "command" })),
       "qom-list": [],
     };
     p.write(reply(cmd.id, answers[cmd.execute] ?? {}));
@@ -138,21 +125,7 @@ t.test("a throw while a domain connects fails that domain, not the process", asy
 t.test("fuzz through the daemon: a peer that passes the probe, then answers at random, never brings it down", async (t) => {
   const seed = Number(process.env.QBACKUPD_FUZZ_SEED ?? 1202);
   const rnd = mulberry32(seed);
-  const schema = [
-    "blockdev-add",
-    "blockdev-del",
-    "blockdev-backup",
-    "transaction",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-merge",
-    "block-dirty-bitmap-remove",
-    "query-jobs",
-    "job-dismiss",
-    "job-cancel",
-    "nbd-server-start",
-    "block-export-add",
-    "block-export-del",
-  ].map((name) => ({ name, "meta-type": "command" }));
+  const schema = REQUIRED_COMMANDS.map((name) => ({ name, "meta-type": "command" }));
   const peer = await startFakeQmp(t, (cmd, p) => {
     let v: unknown;
     if (cmd.execute === "query-version") v = { qemu: { major: 7, minor: 2, micro: 0 }, package: `fuzz-${seed}` };
