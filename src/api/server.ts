@@ -253,6 +253,8 @@ export function buildApi(deps: ApiDeps) {
   });
   app.delete<{ Params: Params }>("/v1/domains/:name", op("removeDomain"), async (req, reply) => {
     if (need(reply, req.params.name) === undefined) return reply;
+    // right after a (re)connect: wait for the recovery, then ask (as begin does), not a 409 for a domain that reports connected
+    await jobs.recovered(req.params.name);
     if (jobs.busy(req.params.name))
       return sendError(reply, { code: "busy", message: `a backup is running on '${req.params.name}'; end it first` });
     return send(
@@ -321,6 +323,7 @@ export function buildApi(deps: ApiDeps) {
     const body = req.body ?? {};
     const client = d.client();
     if (client === undefined) return sendError(reply, { code: "not-connected", message: `domain '${d.name}' is not connected to QEMU` });
+    await jobs.recovered(d.name);
     if (jobs.busy(d.name) && !bool(body, "redefine")) {
       return sendError(reply, {
         code: "busy",
@@ -383,6 +386,7 @@ export function buildApi(deps: ApiDeps) {
     async (req, reply) => {
       const d = need(reply, req.params.name);
       if (d === undefined) return reply;
+      await jobs.recovered(d.name);
       if (jobs.busy(d.name))
         return sendError(reply, { code: "busy", message: `a backup is running on '${d.name}'; end it before deleting checkpoints` });
       const q = req.query;

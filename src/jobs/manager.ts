@@ -197,6 +197,11 @@ export class JobManager {
     return this.active.get(domain)?.active === true || this.beginning.has(domain) || this.recoveries.has(domain);
   }
 
+  /** Resolves once the domain's recovery (if one runs) is over: callers then ask busy() of the settled view. */
+  async recovered(domain: string): Promise<void> {
+    await this.recoveries.get(domain);
+  }
+
   /** The running job's info; with `completed`, the last finished job's. */
   info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
     return this.afterRecovery(domain, () => this.infoNow(domain, opts));

@@ -100,6 +100,7 @@ export function stubApi(names: string[] = ["vm1"], running: string[] = []): Stub
   const jobs = {
     job: (d: string) => (active.has(d) ? { active: true } : undefined),
     busy: (d: string) => active.has(d),
+    recovered: async () => {},
     begin: (d: { name: string }, backupXml: unknown, checkpointXml: unknown, opts: unknown) => {
       calls.push(`begin ${d.name} ${JSON.stringify([backupXml, checkpointXml, opts])}`);
       return okAsync(jobInfo(d.name));
