@@ -1,6 +1,6 @@
 /**
  * The on-disk checkpoint store of one domain: `<stateDir>/checkpoint/<domain>/
- * <name>.xml` (libvirt's public <domaincheckpoint> format, as libvirt keeps
+ * <name>.xml` (names as fileStem() makes them fit) (libvirt's public <domaincheckpoint> format, as libvirt keeps
  * them) plus `.current`, the name of the current checkpoint. Every write is
  * atomic and durable. Loading skips (and logs) files that do not parse, and
  * rebuilds relations; inconsistencies are reported, never fatal.
@@ -11,7 +11,7 @@ import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import { type CheckpointDefFull, checkpointDefFormat, checkpointDefParse } from "../conf/checkpoint.js";
-import { checkName } from "../conf/names.js";
+import { checkName, fileStem } from "../conf/names.js";
 import type { Logger } from "../log.js";
 import { ensureDir, type IoError, ioError, removeFileDurable, TEMP_PREFIX, writeFileAtomic } from "../util/atomic-file.js";
 import type { CheckpointError } from "./errors.js";
@@ -42,7 +42,7 @@ export class CheckpointStore {
   static open(stateDir: string, domain: string, log: Logger): ResultAsync<CheckpointStore, CheckpointError> {
     const n = checkName(domain, "domain name");
     if (n.isErr()) return errAsync(n.error);
-    const dir = join(stateDir, "checkpoint", domain);
+    const dir = join(stateDir, "checkpoint", fileStem(domain));
     const store = new CheckpointStore(domain, dir, log.child({ domain }));
     return ensureDir(dir)
       .andThen(() => store.load())
@@ -98,7 +98,7 @@ export class CheckpointStore {
   }
 
   private fileOf(name: string): string {
-    return join(this.dir, `${name}.xml`);
+    return join(this.dir, `${fileStem(name)}.xml`);
   }
 
   private load(): ResultAsync<void, CheckpointError> {
@@ -133,7 +133,7 @@ export class CheckpointStore {
         continue;
       }
       const def = r.value;
-      if (def.name !== f.slice(0, -4)) {
+      if (def.name === undefined || fileStem(def.name) !== f.slice(0, -4)) {
         skip(`file name does not match checkpoint name '${def.name}'`);
         continue;
       }

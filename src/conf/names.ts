@@ -3,18 +3,41 @@
  * becomes a file name in the state directory and a bitmap name in qcow2, so
  * the rules are libvirt's checkpointName pattern plus a length limit.
  */
+import { createHash } from "node:crypto";
 import { err, ok, type Result } from "neverthrow";
 import type { ConfError } from "./errors.js";
 
 /**
  * The one name limit, in bytes, for domains, checkpoints, disks and bitmaps;
- * checked wherever a name comes in (registration, XML, API paths). Not 255:
- * a name becomes part of file names, and the longest of them,
- * `.tmp-<domain>.completed.json.<12 hex>` (a job record's atomic write), adds
- * 33 bytes; with 200 every file name the daemon derives from a name fits the
- * 255-byte file name limit of Linux file systems, with room to spare.
+ * checked wherever a name comes in (registration, XML, API paths). 255, the
+ * file name limit of Linux file systems; a name that long cannot be a file
+ * name with anything added, so every file name derived from a name goes
+ * through fileStem().
  */
-export const MAX_NAME_BYTES = 200;
+export const MAX_NAME_BYTES = 255;
+
+/**
+ * The longest name used as it is in file names. The longest file name the
+ * daemon derives, `.tmp-<stem>.completed.json.<12 hex>` (a job record's
+ * atomic write), adds 33 bytes; stems are at most 191 bytes, so every
+ * derived name fits in 255 with room to spare.
+ */
+const STEM_MAX_BYTES = 191;
+const STEM_KEPT = 150;
+/** Not a name character: a hashed stem is never the stem of another, shorter name. */
+const STEM_MARK = "+";
+
+/**
+ * The part of file names that stands for `name`: the name itself up to 191
+ * bytes (every name until 255-byte names were allowed: existing state keeps
+ * its file names), else its first 150 bytes, `+` and 40 hex digits of its
+ * SHA-256. Names are ASCII (NAME_PATTERN), so bytes are characters. The file
+ * itself keeps the whole name where one is needed (a checkpoint's XML).
+ */
+export function fileStem(name: string): string {
+  if (Buffer.byteLength(name) <= STEM_MAX_BYTES) return name;
+  return `${name.slice(0, STEM_KEPT)}${STEM_MARK}${createHash("sha256").update(name).digest("hex").slice(0, 40)}`;
+}
 
 /** The characters a name may hold (libvirt's checkpoint name rule), as a JSON Schema / RegExp pattern. */
 export const NAME_PATTERN = "^[a-zA-Z0-9_-][a-zA-Z0-9_.-]*$";

@@ -17,6 +17,7 @@ import { fromQmp } from "../checkpoints/errors.js";
 import type { PreparedCheckpoint } from "../checkpoints/manager.js";
 import { type BackupDef, type BackupDiskDef, backupDefAlign, backupDefParse } from "../conf/backup.js";
 import { type CheckpointDef, checkpointDefParse } from "../conf/checkpoint.js";
+import { fileStem } from "../conf/names.js";
 import type { Logger } from "../log.js";
 import { formatVersion } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
@@ -123,7 +124,7 @@ export class BackupPreparer {
         : checkpointDefParse(checkpointXml).asyncAndThen((d) => okAsync(d));
     const id = randomBytes(4).toString("hex");
     const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*$/, "");
-    const domainDir = join(this.opts.backupDir, domain.name);
+    const domainDir = join(this.opts.backupDir, fileStem(domain.name));
     return parsed.andThen((def) => {
       const planOpts = planOptions(def.mode, domain, opts);
       return cpDef.andThen((cp) =>
@@ -137,7 +138,7 @@ export class BackupPreparer {
                 const aligned = backupDefAlign(
                   def,
                   disks.map((d) => d.name),
-                  { defaultFile: (disk) => join(domainDir, `${disk}.${stamp}.${id}.${suffix}`) },
+                  { defaultFile: (disk) => join(domainDir, `${fileStem(disk)}.${stamp}.${id}.${suffix}`) },
                 );
                 if (aligned.isErr()) return errAsync<PreparedBackup, BackupError>(aligned.error);
                 return this.validate(domain, client, id, aligned.value, disks, planOpts).andThen((plans) =>

@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import type { PreparedCheckpoint } from "../checkpoints/manager.js";
 import type { BackupDef } from "../conf/backup.js";
+import { fileStem } from "../conf/names.js";
 import { ensureDir, fsyncDir, type IoError, ioError, removeFileDurable, TEMP_PREFIX, writeFileAtomic } from "../util/atomic-file.js";
 import type { BackupJobInfo, BeginStep, DiskJobState, JobFlags, JobOutcome, JobState, NbdServerPlan } from "./model.js";
 import type { DiskPlan, PlanOptions } from "./plan.js";
@@ -87,11 +88,11 @@ export class JobStore {
   constructor(readonly dir: string) {}
 
   private active(domain: string): string {
-    return join(this.dir, `${domain}.json`);
+    return join(this.dir, `${fileStem(domain)}.json`);
   }
 
   private completedFile(domain: string): string {
-    return join(this.dir, `${domain}.completed.json`);
+    return join(this.dir, `${fileStem(domain)}.completed.json`);
   }
 
   save(r: JobRecord): ResultAsync<void, IoError> {
@@ -142,7 +143,7 @@ export class JobStore {
 
   /** Keep an unreadable record for a person: moved (never deleted) to unreadable/<domain>.<time>.json. */
   setAside(domain: string): ResultAsync<string, IoError> {
-    const to = join(this.asideDir(), `${domain}.${Date.now()}.json`);
+    const to = join(this.asideDir(), `${fileStem(domain)}.${Date.now()}.json`);
     return ensureDir(this.asideDir()).andThen(() =>
       ResultAsync.fromPromise(
         rename(this.active(domain), to).then(() => fsyncDir(this.dir)),
@@ -154,7 +155,7 @@ export class JobStore {
   /** Records of this domain set aside and not yet removed by a person. */
   async setAsideOf(domain: string): Promise<string[]> {
     const names = await readdir(this.asideDir()).catch(() => [] as string[]);
-    const re = new RegExp(`^${escapeRegExp(domain)}\\.\\d+\\.json$`);
+    const re = new RegExp(`^${escapeRegExp(fileStem(domain))}\\.\\d+\\.json$`);
     return names.filter((n) => re.test(n)).map((n) => join(this.asideDir(), n));
   }
 
@@ -165,7 +166,7 @@ export class JobStore {
    */
   async removeStaleTemps(domain: string): Promise<string[]> {
     const names = await readdir(this.dir).catch(() => [] as string[]);
-    const re = new RegExp(`^${escapeRegExp(TEMP_PREFIX)}${escapeRegExp(domain)}(\\.completed)?\\.json\\.[0-9a-f]+$`);
+    const re = new RegExp(`^${escapeRegExp(TEMP_PREFIX)}${escapeRegExp(fileStem(domain))}(\\.completed)?\\.json\\.[0-9a-f]+$`);
     const stale = names.filter((n) => re.test(n));
     for (const n of stale) await unlink(join(this.dir, n)).catch(() => {});
     return stale;
