@@ -119,16 +119,21 @@ const settledText = (j: JobInfoLike) => `backup ${j.state}${j.error ? `: ${j.err
 
 /**
  * Wait for the running backup (or, with `job`, for that job only) to settle.
- * Without `job` and with nothing running, the last finished backup is the
- * answer (a job may settle before `wait` starts); with `job`, another job's
- * outcome never is: a refused begin followed by `wait --job` is "not found".
+ * Without `job` and with nothing running, the daemon's wait answers: the
+ * last finished backup (a job may settle before `wait` starts), unless the
+ * domain's latest begin was refused, which makes it "not found": an older
+ * job's outcome is never the answer to a refused begin. Once a running job
+ * was seen, this wait is for that job (as with `job`). With `job`, another
+ * job's outcome never is the answer either.
  */
 async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined, job: string | undefined): Promise<number> {
   const deadline = timeoutS === undefined ? Number.POSITIVE_INFINITY : Date.now() + timeoutS * 1000;
   const tty = process.stdout.isTTY === true && !ctx.json;
+  // the job this wait is for: asked for, or the first seen running
+  let target = job;
   const notThatJob = (found: string | undefined) =>
     new CliFailure(
-      `backup job '${job}' is neither running nor the last finished one on '${domain}'${found === undefined ? "" : ` (that is '${found}')`}`,
+      `backup job '${target}' is neither running nor the last finished one on '${domain}'${found === undefined ? "" : ` (that is '${found}')`}`,
       EXIT.notFound,
       "no-job",
     );
@@ -143,15 +148,26 @@ async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined, 
     const r = await ask(ctx, "GET", `/v1/domains/${enc(domain)}/backup`);
     const running = r.status < 400 ? (r.body as JobInfoLike) : undefined;
     if (r.status >= 400 && errorCode(r) !== "no-job") throw failureOf(r);
-    if (running === undefined || (job !== undefined && running.id !== job)) {
-      // nothing running (or another job): the last finished one, if it is the one asked for
+    if (running === undefined && target === undefined) {
+      // nothing running and no job in view: the daemon says what the answer is (the last finished job, or none)
+      const w = await ask(ctx, "GET", `/v1/domains/${enc(domain)}/backup/wait?timeout=0`);
+      if (w.status >= 400 && errorCode(w) === "timeout") continue; // a job started meanwhile: follow it
+      if (w.status >= 400) throw failureOf(w);
+      const j = w.body as JobInfoLike;
+      if (drawn) process.stdout.write(`${progressBar(j)}\n`);
+      out(ctx, j, () => settledText(j));
+      return settledExit(j);
+    }
+    if (running !== undefined && target === undefined) target = running.id;
+    if (running === undefined || running.id !== target) {
+      // nothing running (or another job): the last finished one, if it is the one this wait is for
       const done = await ask(ctx, "GET", `/v1/domains/${enc(domain)}/backup?completed=1`);
       if (done.status >= 400) {
-        if (job !== undefined && errorCode(done) === "no-job") throw notThatJob(running?.id);
+        if (errorCode(done) === "no-job") throw notThatJob(running?.id);
         throw failureOf(done);
       }
       const j = done.body as JobInfoLike;
-      if (job !== undefined && j.id !== job) throw notThatJob(running?.id ?? j.id);
+      if (j.id !== target) throw notThatJob(running?.id ?? j.id);
       // the bar's last frame is the finished job's, not the last one polled (91% before "backup ready")
       if (drawn) process.stdout.write(`${progressBar(j)}\n`);
       out(ctx, j, () => settledText(j));

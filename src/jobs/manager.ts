@@ -62,6 +62,12 @@ export class JobManager {
   /** Domains kept busy until a person looks (an unreadable job record was set aside). */
   private readonly blocked = new Map<string, string>();
   private readonly completed = new Map<string, BackupJobInfo>();
+  /**
+   * The domain's latest begin was refused (no job was made): then a plain
+   * wait with nothing running must not answer with the last finished job,
+   * which is no answer to that begin. Cleared by the next job made.
+   */
+  private readonly refused = new Map<string, BackupError>();
   private readonly preparer: BackupPreparer;
   private readonly services: JobServices;
   private readonly subscribers = new Set<(e: JobEvent) => void>();
@@ -265,7 +271,13 @@ export class JobManager {
   private waitNow(domain: string, timeoutMs: number | undefined): ResultAsync<BackupJobInfo, BackupError> {
     const j = this.active.get(domain);
     if (j === undefined) {
+      const refusal = this.refused.get(domain);
       const c = this.completed.get(domain);
+      if (refusal !== undefined)
+        return errAsync({
+          code: "no-job",
+          message: `no backup job on domain '${domain}': the last backup-begin was refused (${refusal.code}: ${refusal.message})${c === undefined ? "" : `; the last finished backup, job ${c.id}, ended before it`}`,
+        });
       return c === undefined ? errAsync({ code: "no-job", message: `no backup job on domain '${domain}'` }) : okAsync(c);
     }
     const settled = j.settled();
@@ -289,6 +301,21 @@ export class JobManager {
     checkpointXml: string | undefined,
     opts: BeginOptions = {},
   ): ResultAsync<BackupJobInfo, BackupError> {
+    const made = { job: false };
+    return this.beginOrRefuse(domain, backupXml, checkpointXml, opts, made).orElse((e) => {
+      // refused before a job was made (busy included); a job that failed to begin ends as a finished, failed job
+      if (!made.job) this.refused.set(domain.name, e);
+      return errAsync(e);
+    });
+  }
+
+  private beginOrRefuse(
+    domain: BackupDomain,
+    backupXml: string | undefined,
+    checkpointXml: string | undefined,
+    opts: BeginOptions,
+    made: { job: boolean },
+  ): ResultAsync<BackupJobInfo, BackupError> {
     // right after a (re)connect: once the recorded job is known it is busy; without one, the begin waits
     // for the cleanup of leftovers to end instead of answering busy to a domain that reports connected
     const recovery = this.recoveries.get(domain.name);
@@ -296,7 +323,7 @@ export class JobManager {
       return this.afterRecovery(domain.name, () =>
         this.active.get(domain.name)?.active
           ? errAsync<BackupJobInfo, BackupError>({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` })
-          : ResultAsync.fromSafePromise(recovery).andThen(() => this.begin(domain, backupXml, checkpointXml, opts)),
+          : ResultAsync.fromSafePromise(recovery).andThen(() => this.beginOrRefuse(domain, backupXml, checkpointXml, opts, made)),
       );
     if (this.active.has(domain.name) || this.beginning.has(domain.name)) {
       return errAsync({ code: "busy", message: `a backup job is already running on domain '${domain.name}'` });
@@ -316,6 +343,8 @@ export class JobManager {
           return errAsync<BackupJobInfo, BackupError>({ code: "aborted", message: "the backup was aborted by request before it started" });
         const job = new BackupJob(jobContext(this.services, domain, client, prepared, { quiesce: opts.quiesce }));
         this.active.set(domain.name, job);
+        made.job = true;
+        this.refused.delete(domain.name);
         this.beginning.delete(domain.name);
         return job.begin().orElse((e) => {
           this.forget(job);

@@ -150,6 +150,23 @@ t.test("a domain: jobinfo, checkpoints, units, wait --job, set-bandwidth, events
   t.equal(refused.code, 2);
   const w = await q("wait", "vm1", "--job", "not-this-one");
   t.equal(w.code, 3, "wait --job of another job: not found");
+  // a begin the daemon refuses (an unknown disk): a plain wait is "not found", with the reason, not the last job's "ready"
+  const unknownDisk = join(dir, "unknown-disk.xml");
+  writeFileSync(unknownDisk, "<domainbackup><disks><disk name='vdz'/></disks></domainbackup>");
+  const refusedByDaemon = await q("backup-begin", "vm1", unknownDisk);
+  t.not(refusedByDaemon.code, 0, refusedByDaemon.stderr);
+  const plain = await q("wait", "vm1", "--timeout", "10");
+  t.equal(plain.code, 3, `plain wait after a refused begin: not found (${plain.stdout}${plain.stderr})`);
+  t.match(plain.stderr, /last backup-begin was refused/);
+  t.notMatch(plain.stdout, /backup ready/);
+  const plainJson = await q("--json", "wait", "vm1", "--timeout", "10");
+  t.match(JSON.parse(plainJson.stderr), { code: "no-job" });
+  // the next begin that makes a job lifts it
+  const again = await ok("backup-begin", "vm1");
+  const againId = /job (\S+)\)/.exec(again.stdout)?.[1];
+  const settled = await ok("wait", "vm1", "--timeout", "60");
+  t.match(settled.stdout, new RegExp(`backup ready \\(job ${againId}\\)`), "plain wait answers with the new job");
+  t.equal((await ok("wait", "vm1", "--timeout", "10")).code, 0, "and again once it finished");
 
   // events: an unknown domain answered at once; --timeout ends the stream
   const ev = await q("events", "nosuchvm");
