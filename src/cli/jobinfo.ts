@@ -42,8 +42,10 @@ export function jobText(j: JobInfoLike | undefined): string {
     row("Operation", "Backup".padEnd(12)),
     row("Time elapsed", `${String(j.elapsedMs).padEnd(12)} ms`),
     row("Data processed", sizeFormat(j.bytesDone)),
-    row("Data remaining", sizeFormat(Math.max(0, j.bytesTotal - j.bytesDone))),
-    row("Data total", sizeFormat(j.bytesTotal)),
+    // as virsh, rows without a value are left out: a total not known yet (QEMU still sizing the copy)
+    ...(sizing(j)
+      ? []
+      : [row("Data remaining", sizeFormat(Math.max(0, j.bytesTotal - j.bytesDone))), row("Data total", sizeFormat(j.bytesTotal))]),
     // qbackupd's own rows below
     row("Job id", j.id),
     row("Mode", j.mode),
@@ -82,8 +84,14 @@ function duration(seconds: number): string {
   return `${s}s`;
 }
 
+/** The total is not known yet: the daemon reports 0 while QEMU still works out how much a running job copies. */
+function sizing(j: JobInfoLike): boolean {
+  return j.active && j.bytesTotal === 0 && j.state !== "ready";
+}
+
 /** One frame of `wait`'s progress bar on a terminal (starts with \r, ends with a clear-to-end-of-line). */
 export function progressBar(j: JobInfoLike): string {
+  if (sizing(j)) return `\r[${"-".repeat(30)}] sizing: ${sizeFormat(j.bytesDone)} copied  ${sizeFormat(j.rate)}/s\x1b[K`;
   const frac = j.bytesTotal > 0 ? Math.min(1, j.bytesDone / j.bytesTotal) : j.active ? 0 : 1;
   const width = 30;
   const filled = Math.round(frac * width);

@@ -26,6 +26,7 @@ import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import type { EventListener } from "../qmp/events.js";
+import type { JobInfo } from "../qmp/qapi.js";
 import { crashPoint } from "../util/crash-point.js";
 import { stillListening } from "../util/listening.js";
 import { backupCommitCheckpoint, backupDiskAddNodes, backupDiskCreateFiles, backupStartExports, backupStartJobs } from "./begin-steps.js";
@@ -42,7 +43,7 @@ import {
   type JobState,
   newDiskRuntime,
 } from "./model.js";
-import { isOwnName } from "./plan.js";
+import { type DiskPlan, isOwnName } from "./plan.js";
 import { readQemuState } from "./qemu-state.js";
 import { reconcileRecord } from "./reconcile.js";
 import type { JobRecord } from "./record.js";
@@ -53,6 +54,25 @@ export type { BackupJobInfo, JobEvent, JobState, NbdServerPlan } from "./model.j
 
 /** QEMU's refusal of a command to a job that no longer runs (concluded and waiting to be dismissed, or gone). */
 const JOB_ENDED = /in state '(concluded|null|pending|waiting|aborting)'|not found|cannot find/i;
+
+/**
+ * A disk's total as the progress bar and domjobinfo may show it: QEMU's
+ * total-progress once it is final, else what was known before (0: not
+ * known yet). A `top` copy (a full backup of an image without a backing
+ * file) first scans the image for allocated clusters, and meanwhile QEMU's
+ * total shrinks from the virtual size to the allocated size (block/backup.c
+ * backup_run, before backup_loop); once anything has been copied the scan is
+ * over (a guest write copied before the scan ends can show a total early). Other
+ * modes set their total once, when the job starts.
+ */
+export function progressTotal(
+  plan: Pick<DiskPlan, "sync">,
+  job: Pick<JobInfo, "current-progress" | "total-progress">,
+  known: number,
+): number {
+  if (plan.sync === "top" && job["current-progress"] === 0) return known;
+  return job["total-progress"] || known;
+}
 
 const aborted = (): BackupError => ({ code: "aborted", message: "the backup was aborted by request while it was starting" });
 
@@ -206,7 +226,7 @@ export class BackupJob {
           const j = jobs.find((x) => x.id === d.plan.jobId);
           if (j !== undefined && d.state === "running") {
             d.bytesDone = j["current-progress"];
-            d.bytesTotal = j["total-progress"] || d.bytesTotal;
+            d.bytesTotal = progressTotal(d.plan, j, d.bytesTotal);
           }
         }
         return this.info();

@@ -126,7 +126,8 @@ export function newDiskRuntime(plan: DiskPlan): DiskRuntime {
     jobDismissed: false,
     exportAdded: false,
     bytesDone: 0,
-    bytesTotal: plan.virtualSize,
+    // known before QEMU says for a full copy, and a pull's export (its size); see progressTotal in job.ts
+    bytesTotal: plan.sync === "full" || plan.sync === "none" ? plan.virtualSize : 0,
     error: undefined,
   };
 }

@@ -8,6 +8,7 @@ import { type CheckpointRow, checkpointListSelect, checkpointTreeRender, localTi
 import { type JobInfoLike, jobText, nbdExportUri, progressBar } from "../../src/cli/jobinfo.js";
 import { sizeFormat, sizeParse } from "../../src/cli/units.js";
 import { configWarnings, parseConfig } from "../../src/conf/config.js";
+import { progressTotal } from "../../src/jobs/job.js";
 
 t.test("sizes: parse with units, print as virsh", async (t) => {
   const cases: [string, number][] = [
@@ -73,6 +74,28 @@ t.test("progress bar: an ETA while running, full once finished", async (t) => {
   const done = { ...job, active: false, state: "ready", bytesDone: 16 << 20 };
   t.equal(progressBar(done), `\r[##############################] 100% 16.000 MiB / 16.000 MiB  1.000 MiB/s\x1b[K`);
   t.match(progressBar({ ...job, active: false, state: "ready", bytesDone: 0, bytesTotal: 0 }), / 100% /, "nothing to copy: done");
+});
+
+t.test("a total not known yet (QEMU sizing a copy): no percentage, no ETA, no Data total row", async (t) => {
+  const sizing = { ...job, bytesDone: 0, bytesTotal: 0 };
+  t.equal(progressBar(sizing), `\r[------------------------------] sizing: 0.000 B copied  1.000 MiB/s\x1b[K`);
+  t.notMatch(jobText(sizing), /Data (total|remaining)/);
+  t.match(jobText(job), /Data total:\s+16\.000 MiB/);
+  t.match(jobText({ ...sizing, active: false, state: "ready" }), /Data total:\s+0\.000 B/, "a finished job shows its total");
+});
+
+t.test("progressTotal: a top copy's shrinking total is not shown until copying starts", async (t) => {
+  const top = { sync: "top" as const };
+  t.equal(progressTotal(top, { "current-progress": 0, "total-progress": 1 << 30 }, 0), 0, "scanning: QEMU's total is the virtual size");
+  t.equal(progressTotal(top, { "current-progress": 0, "total-progress": 2 << 20 }, 0), 0, "still scanning");
+  t.equal(progressTotal(top, { "current-progress": 65536, "total-progress": 2 << 20 }, 0), 2 << 20, "copying: final");
+  t.equal(progressTotal({ sync: "full" }, { "current-progress": 0, "total-progress": 1 << 30 }, 1 << 30), 1 << 30);
+  t.equal(progressTotal({ sync: "incremental" }, { "current-progress": 0, "total-progress": 4096 }, 0), 4096);
+  t.equal(
+    progressTotal({ sync: "none" }, { "current-progress": 0, "total-progress": 0 }, 1 << 30),
+    1 << 30,
+    "a pull keeps its export's size",
+  );
 });
 
 // r ─ a ─ c         (r has children a, b; a has child c; z is another root without children)
