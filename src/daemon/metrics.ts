@@ -13,7 +13,7 @@
  */
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import type { JobEvent } from "../jobs/model.js";
+import type { BackupJobInfo, JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import { TEMP_PREFIX, writeFileAtomic } from "../util/atomic-file.js";
 
@@ -63,6 +63,18 @@ function outcomeOf(state: string): Outcome {
   if (state === "ready") return "completed";
   if (state === "cancelled") return "cancelled";
   return "failed";
+}
+
+/**
+ * What a finished backup adds to the bytes counter. Push: what QEMU wrote to
+ * the targets. Pull: QEMU counts nothing an NBD client reads, and its job's
+ * progress is only the copy-before-write traffic; the size of what the
+ * exports offered (the job's total) is the pull's size, counted once it was
+ * served to the end (ready).
+ */
+function backupBytes(info: Pick<BackupJobInfo, "mode" | "state" | "bytesDone" | "bytesTotal">): number {
+  if (info.mode === "push") return info.bytesDone;
+  return info.state === "ready" ? info.bytesTotal : 0;
 }
 
 export interface MetricsOptions {
@@ -141,7 +153,7 @@ export class Metrics {
     const k = `${domain}\0${mode}`;
     const ck = `${k}\0${outcome}`;
     this.counts.set(ck, (this.counts.get(ck) ?? 0) + 1);
-    this.bytes.set(k, (this.bytes.get(k) ?? 0) + e.info.bytesDone);
+    this.bytes.set(k, (this.bytes.get(k) ?? 0) + backupBytes(e.info));
     const h = this.histogram(k);
     const secs = e.info.elapsedMs / 1000;
     for (const [i, le] of DURATION_BUCKETS.entries()) if (secs <= le) h.buckets[i]!++;
@@ -190,7 +202,7 @@ export class Metrics {
     head(
       "qbackupd_backup_bytes_total",
       "counter",
-      "Bytes copied by finished backups (push: written to the targets; pull: QEMU's job progress).",
+      "Bytes of finished backups (push: written to the targets; pull, once served: offered by its exports, the changed bytes of an incremental or the disks' size of a full).",
     );
     for (const d of ds)
       for (const mode of MODES)

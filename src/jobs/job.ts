@@ -421,6 +421,7 @@ export class BackupJob {
         const stop = this.beginInterrupted();
         if (stop !== undefined) return this.beginFailed(stop);
         this.step = undefined;
+        if (def.mode === "pull") await this.sizeExports();
         for (const d of this.disks) d.state = "running";
         this.transition(def.mode === "pull" ? "serving" : "running");
         void this.watch();
@@ -437,6 +438,28 @@ export class BackupJob {
         return ok(this.info());
       })(),
     );
+  }
+
+  /**
+   * A pull's total is what its exports offer to read: for an incremental,
+   * the bytes its exported bitmap marks (disabled since the transaction, so
+   * the figure is final); for a full, the disk's size (as planned). QEMU
+   * counts nothing an NBD client reads, so this is the pull's size in
+   * domjobinfo and the metrics. Best effort: a failed read keeps the size.
+   */
+  private async sizeExports(): Promise<void> {
+    const marked = this.disks.filter((d) => d.plan.export?.bitmap !== undefined);
+    if (marked.length === 0) return;
+    const nodes = await this.ctx.client.execute("query-named-block-nodes", { flat: true });
+    if (nodes.isErr()) {
+      this.log.warn({ error: qmpErrorMessage(nodes.error) }, "cannot read the exported bitmaps' sizes; the pull reports the disks' sizes");
+      return;
+    }
+    for (const d of marked) {
+      const node = nodes.value.find((n) => n["node-name"] === d.plan.node);
+      const bitmap = node?.["dirty-bitmaps"]?.find((b) => b.name === d.plan.export?.bitmap);
+      if (bitmap !== undefined) d.bytesTotal = bitmap.count;
+    }
   }
 
   private beginInterrupted(): BackupError | undefined {

@@ -6,6 +6,7 @@
 import { readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
+import { ApiClient } from "../../src/cli/client.js";
 import { allocatedRanges, handBackups, rebaseOnto } from "../helpers/backup.js";
 import { cli, startDaemon } from "../helpers/daemon.js";
 import { bitmapNames, leftovers } from "../helpers/domain.js";
@@ -97,8 +98,22 @@ t.test("domain-add, checkpoint, full push, incremental push, pull, abort, checkp
   t.same(dirty, [[8 * MiB, 64 * KiB]], "dirty map since c2");
   t.ok(await rangeHolds(`nbd+unix:///vda?socket=${sock}`, "raw", 0x13, 8 * MiB, 64 * KiB));
   t.equal((await q("backup-begin", "vm1")).code, 4, "busy: exit 4");
+  // the pull's size is what its exports offer: the bitmap's 64 KiB on vda, nothing on vdb (QEMU counts no NBD reads)
+  const served = JSON.parse((await ok("--json", "domjobinfo", "vm1")).stdout) as { bytesTotal: number; disks: { bytesTotal: number }[] };
+  t.equal(served.bytesTotal, 64 * KiB, "an incremental pull's total: the changed bytes it exports");
+  t.same(
+    served.disks.map((x) => x.bytesTotal),
+    [64 * KiB, 0],
+  );
+  t.match((await ok("domjobinfo", "vm1")).stdout, /Data total:\s+64\.000 KiB\n/);
   await ok("domjobabort", "vm1");
   t.same(await leftovers(vm.monitor), [], "pull torn down");
+  const m = await new ApiClient(d.socket).request("GET", "/v1/metrics");
+  t.match(
+    "text" in m ? m.text : "",
+    new RegExp(`qbackupd_backup_bytes_total\\{domain="vm1",mode="pull"\\} ${64 * KiB}\n`),
+    "counted in the metrics",
+  );
 
   // abort a slow push
   await ok("backup-begin", "vm1", "--bandwidth", "65536");

@@ -30,8 +30,9 @@ function ended(
   elapsedMs: number,
   bytesDone: number,
   endedAt: string,
+  bytesTotal = bytesDone,
 ): JobEvent {
-  const info = { domain, mode, state, elapsedMs, bytesDone, endedAt } as Partial<BackupJobInfo> as BackupJobInfo;
+  const info = { domain, mode, state, elapsedMs, bytesDone, bytesTotal, endedAt } as Partial<BackupJobInfo> as BackupJobInfo;
   return { type: "ended", info };
 }
 
@@ -95,6 +96,14 @@ t.test("from the start: every per-domain series, zero-valued, and build info", a
   t.ok(Math.abs(s.get("process_start_time_seconds")! - (Date.now() / 1000 - process.uptime())) < 2, "start time is this process's");
 });
 
+t.test("a pull counts what its exports offered (its total), not QEMU's copy-before-write progress", async (t) => {
+  const m = new Metrics();
+  const r = reg(dom("vm1"));
+  m.onJobEvent(ended("vm1", "pull", "ready", 500, 7, "2026-01-02T00:00:00.000Z", 3 << 20));
+  m.onJobEvent(ended("vm1", "pull", "cancelled", 500, 9, "2026-01-02T00:00:01.000Z", 5 << 20));
+  t.equal(samples(m.render(r, 1)).get('qbackupd_backup_bytes_total{domain="vm1",mode="pull"}'), 3 << 20);
+});
+
 t.test("job events move the domain's series: counts, bytes, histogram, last outcome and success", async (t) => {
   const m = new Metrics();
   const r = reg(dom("vm1"), dom("vm2"));
@@ -109,7 +118,7 @@ t.test("job events move the domain's series: counts, bytes, histogram, last outc
   t.equal(s.get('qbackupd_backups_total{domain="vm1",mode="push",outcome="failed"}'), 0);
   t.equal(s.get('qbackupd_backups_total{domain="vm2",mode="push",outcome="completed"}'), 0, "another domain unmoved");
   t.equal(s.get('qbackupd_backup_bytes_total{domain="vm1",mode="push"}'), 1000);
-  t.equal(s.get('qbackupd_backup_bytes_total{domain="vm1",mode="pull"}'), 7);
+  t.equal(s.get('qbackupd_backup_bytes_total{domain="vm1",mode="pull"}'), 0, "a pull that failed offered nothing");
   // push: 42 s and 25 h; cumulative buckets
   const bucket = (le: string) => s.get(`qbackupd_backup_duration_seconds_bucket{domain="vm1",mode="push",le="${le}"}`);
   t.equal(bucket("30"), 0);
