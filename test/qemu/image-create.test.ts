@@ -121,6 +121,17 @@ async function fakeQemu(
   return { client, peer, job };
 }
 
+/** Answers blockdev-create with a job that runs until told otherwise, then does `then`; other commands are left to the defaults. */
+const startsRunning =
+  (then?: (p: FakePeer) => void) =>
+  (cmd: FakeCommand, p: FakePeer, job: { current: FakeJob | undefined }): boolean => {
+    if (cmd.execute !== "blockdev-create") return false;
+    job.current = { status: "running" };
+    p.write(reply(cmd.id, {}));
+    then?.(p);
+    return true;
+  };
+
 const concludedEvent = `${JSON.stringify({ event: "JOB_STATUS_CHANGE", data: { id: JOB, status: "concluded" }, timestamp: { seconds: 1, microseconds: 0 } })}\r\n`;
 const commands = (peer: FakePeer) => peer.received.map((c) => c.execute);
 
@@ -158,11 +169,7 @@ t.test(
     const seen: string[] = [];
     let path = "";
     const { client, peer } = await fakeQemu(t, (cmd, p, job) => {
-      if (cmd.execute === "blockdev-create") {
-        job.current = { status: "running" };
-        p.write(reply(cmd.id, {}));
-        return true;
-      }
+      if (startsRunning()(cmd, p, job)) return true;
       if (cmd.execute === "job-cancel" || cmd.execute === "job-dismiss")
         seen.push(`${cmd.execute} (file ${existsSync(path) ? "there" : "gone"})`);
       if (cmd.execute !== "job-cancel") return false;
@@ -184,12 +191,7 @@ t.test(
 );
 
 t.test("a cancelled job that does not end: the file is left, and the error says so", { timeout: 20_000 }, async (t) => {
-  const { client, peer } = await fakeQemu(t, (cmd, p, job) => {
-    if (cmd.execute !== "blockdev-create") return false;
-    job.current = { status: "running" };
-    p.write(reply(cmd.id, {}));
-    return true;
-  });
+  const { client, peer } = await fakeQemu(t, startsRunning());
   const path = join(tempDir(t), "stuck.qcow2");
   const r = await imageCreate(client, { path, format: "qcow2", size: 16 * MiB, jobId: JOB }, FAST);
   t.match(r._unsafeUnwrapErr(), {
@@ -200,3 +202,23 @@ t.test("a cancelled job that does not end: the file is left, and the error says 
   t.ok(existsSync(path), "the file left");
   t.notOk(commands(peer).includes("job-dismiss"), "a running job is not dismissed");
 });
+
+t.test(
+  "the connection drops while QEMU formats: the file is left, and the error says the job could not be read",
+  { timeout: 20_000 },
+  async (t) => {
+    // real QEMU does not hang up on cue; a dropped socket (or a daemon-side close) looks the same to us
+    const { client } = await fakeQemu(
+      t,
+      startsRunning((p) => setTimeout(() => p.hangup(), 50)),
+    );
+    const path = join(tempDir(t), "dropped.qcow2");
+    const r = await imageCreate(client, { path, format: "qcow2", size: 16 * MiB, jobId: JOB }, FAST);
+    t.match(r._unsafeUnwrapErr(), {
+      code: "image",
+      message:
+        /QEMU did not answer while formatting it: .*; the file was left, as QEMU may still write it: cannot read its job qbk-c7 from QEMU/,
+    });
+    t.ok(existsSync(path), "the file left to the QEMU that may still write it");
+  },
+);
