@@ -17,18 +17,21 @@ import type { ConfError } from "./errors.js";
 export const MAX_NAME_BYTES = 255;
 
 /**
- * The longest name used as it is in file names. The longest file name the
- * daemon derives, `.tmp-<stem>.completed.json.<12 hex>` (a job record's
- * atomic write), adds 33 bytes; stems are at most 191 bytes, so every
- * derived name fits in 255 with room to spare.
+ * The longest name used as it is in file names: 200, the limit names had
+ * before 255-byte names were allowed, so state and backup directories written
+ * then keep their file names. The longest file name the daemon derives,
+ * `.tmp-<stem>.completed.json.<12 hex>` (a job record's atomic write), adds
+ * 33 bytes, a pull's scratch image `<stem>.<stamp 15>.<id 8>.scratch.qcow2`
+ * 39; stems are at most 200 bytes (a hashed one 191), so every derived name
+ * fits in 255.
  */
-const STEM_MAX_BYTES = 191;
+const STEM_MAX_BYTES = 200;
 const STEM_KEPT = 150;
 /** Not a name character: a hashed stem is never the stem of another, shorter name. */
 const STEM_MARK = "+";
 
 /**
- * The part of file names that stands for `name`: the name itself up to 191
+ * The part of file names that stands for `name`: the name itself up to 200
  * bytes (every name until 255-byte names were allowed: existing state keeps
  * its file names), else its first 150 bytes, `+` and 40 hex digits of its
  * SHA-256. Names are ASCII (NAME_PATTERN), so bytes are characters. The file
