@@ -39,7 +39,26 @@ const STEM_MARK = "+";
  */
 export function fileStem(name: string): string {
   if (Buffer.byteLength(name) <= STEM_MAX_BYTES) return name;
-  return `${name.slice(0, STEM_KEPT)}${STEM_MARK}${createHash("sha256").update(name).digest("hex").slice(0, 40)}`;
+  return `${name.slice(0, STEM_KEPT)}${STEM_MARK}${nameHash(name)}`;
+}
+
+/** 40 hex digits of the name's SHA-256: what stands for the part of a name that is cut. */
+function nameHash(name: string): string {
+  return createHash("sha256").update(name).digest("hex").slice(0, 40);
+}
+
+/**
+ * A name made of `prefix` and another name (a temporary bitmap named after
+ * its disk, `backup-<disk>`), itself a name within MAX_NAME_BYTES, as
+ * backup-dumpxml shows it and a definition given back may carry it: as it is
+ * while it fits, else `prefix`, the name's first bytes, `-` and 40 hex digits
+ * of its SHA-256, MAX_NAME_BYTES in all.
+ */
+export function derivedName(prefix: string, name: string): string {
+  const whole = `${prefix}${name}`;
+  if (Buffer.byteLength(whole) <= MAX_NAME_BYTES) return whole;
+  const hash = nameHash(name);
+  return `${prefix}${name.slice(0, MAX_NAME_BYTES - Buffer.byteLength(prefix) - hash.length - 1)}-${hash}`;
 }
 
 /** The characters a name may hold (libvirt's checkpoint name rule), as a JSON Schema / RegExp pattern. */

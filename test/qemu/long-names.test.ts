@@ -4,15 +4,18 @@
  * first 254 bytes; full push, incremental push, pull, checkpoint verbs, a
  * kill -9 of the daemon and a restart, domain-remove — byte-exact, and no
  * file name in the state or backup directory longer than the file system takes.
+ * And a disk whose name is 255 bytes (its device id): push, pull, and the
+ * pull's backup-dumpxml (its exportbitmap named after the disk) taken back.
  */
 import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { fileStem, MAX_NAME_BYTES } from "../../src/conf/names.js";
-import { allocatedRanges, rebaseOnto, snapshotDisks } from "../helpers/backup.js";
+import { qemuIoDevice } from "../../src/qmp/index.js";
+import { allocatedRanges, handBackups, rebaseOnto, snapshotDisks } from "../helpers/backup.js";
 import { cli, connected, startDaemon } from "../helpers/daemon.js";
 import { bitmapNames, leftovers } from "../helpers/domain.js";
-import { execFileP, imagesIdentical, rangeHolds, startVm } from "../helpers/qemu.js";
+import { createImage, execFileP, imagesIdentical, rangeHolds, startVm, tempDir } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -170,4 +173,78 @@ t.test("255-byte domain and checkpoint names through the CLI, a kill -9 and a re
   await d.stop("SIGKILL");
   d = await startDaemon(t, { dir });
   t.same(JSON.parse((await ok("--json", "domain-list")).stdout), [], "still removed after a restart");
+});
+
+t.test("a disk whose name is 255 bytes: push, pull, and the pull's backup-dumpxml given back", async (t) => {
+  const DISK = "disk-".padEnd(MAX_NAME_BYTES, "x");
+  const DOM = "v".repeat(MAX_NAME_BYTES);
+  const CP = "c".repeat(MAX_NAME_BYTES);
+  const vmDir = tempDir(t);
+  const image = join(vmDir, "disk.qcow2");
+  await createImage(image, "16M");
+  const node = { "node-name": "n0", driver: "qcow2", file: { driver: "file", filename: image } };
+  const vm = await startVm(t, {
+    dir: vmDir,
+    disks: [],
+    extraArgs: ["-blockdev", JSON.stringify(node), "-device", `virtio-blk-pci,drive=n0,id=${DISK}`],
+  });
+  const d = await startDaemon(t);
+  const ok = async (...args: string[]) => {
+    const r = await cli(d.socket, args);
+    t.equal(r.code, 0, `qbackup ${args[0]}: ${r.stderr.trim()}`);
+    return r;
+  };
+  await ok("domain-add", DOM, "--qmp", vm.qmpPath);
+  await connected(d, DOM);
+  const write = async (pattern: number, offset: number, length: number) =>
+    (
+      await qemuIoDevice(vm.monitor, `/machine/peripheral/${DISK}/virtio-backend`, `write -P ${pattern} ${offset} ${length}`)
+    )._unsafeUnwrap();
+  await write(0x31, 0, MiB);
+  const cp = join(vmDir, "cp.xml");
+  writeFileSync(cp, `<domaincheckpoint><name>${CP}</name></domaincheckpoint>`);
+  // the disk at a moment, as a standalone image (the VM's own file is behind QEMU's caches)
+  const snap = async (name: string) => {
+    const file = join(vmDir, `${name}.qcow2`);
+    await handBackups(vm.monitor, "16M", [{ node: "n0", target: file, sync: "full" }]);
+    return file;
+  };
+  await ok("backup-begin", DOM, "", cp);
+  await ok("wait", DOM, "--timeout", "60");
+  const at1 = await snap("at1");
+  const full = (JSON.parse((await ok("--json", "domjobinfo", DOM, "--completed")).stdout) as { disks: { name: string; file: string }[] })
+    .disks;
+  t.equal(full[0]?.name, DISK, "the disk under its whole name");
+  t.match(await imagesIdentical(full[0]!.file, at1), { identical: true }, "full push = the disk");
+  t.ok(await rangeHolds(full[0]!.file, "qcow2", 0x31, 0, MiB), "and holds what the guest wrote");
+
+  await write(0x32, 2 * MiB, 64 * KiB);
+  const at2 = await snap("at2");
+  const sock = join(d.stateDir, "backups", "nbd.sock");
+  const px = join(vmDir, "pull.xml");
+  writeFileSync(px, `<domainbackup mode='pull'><incremental>${CP}</incremental><server transport='unix' socket='${sock}'/></domainbackup>`);
+  await ok("backup-begin", DOM, px);
+  const dump = (await ok("backup-dumpxml", DOM)).stdout;
+  const bitmap = /exportbitmap='([^']+)'/.exec(dump)?.[1] ?? "";
+  t.ok(
+    bitmap.startsWith("backup-disk-xxx") && Buffer.byteLength(bitmap) <= MAX_NAME_BYTES,
+    `exportbitmap is a name: ${Buffer.byteLength(bitmap)} bytes`,
+  );
+  const uri = `nbd+unix:///${DISK}?socket=${sock}`;
+  const map = await execFileP("nbdinfo", ["--json", `--map=qemu:dirty-bitmap:${bitmap}`, uri]);
+  const dirty = (JSON.parse(map.stdout) as { offset: number; length: number; type: number }[])
+    .filter((e) => e.type & 1)
+    .map((e) => [e.offset, e.length]);
+  t.same(dirty, [[2 * MiB, 64 * KiB]], "the exported bitmap: what changed since the checkpoint");
+  const copy = join(vmDir, "copy.raw");
+  await execFileP("nbdcopy", [uri, copy]);
+  t.match(await imagesIdentical(copy, at2), { identical: true }, "the export = the disk");
+  await ok("domjobabort", DOM);
+
+  // libvirt's habit: the filled-in definition given back starts the same backup again
+  writeFileSync(px, dump.replace(/ file='[^']*'/g, ""));
+  await ok("backup-begin", DOM, px);
+  t.match((await ok("backup-dumpxml", DOM)).stdout, `exportbitmap='${bitmap}'`);
+  t.ok(await rangeHolds(uri, "raw", 0x32, 2 * MiB, 64 * KiB));
+  await ok("domjobabort", DOM);
 });

@@ -14,6 +14,7 @@ import { checkpointDefFormat } from "../../src/conf/checkpoint.js";
 import { parseDomainConfig } from "../../src/conf/config.js";
 import { checkName, fileStem, MAX_NAME_BYTES } from "../../src/conf/names.js";
 import type { BackupJobInfo } from "../../src/jobs/model.js";
+import { tempBitmapName } from "../../src/jobs/plan.js";
 import { JobStore } from "../../src/jobs/record.js";
 
 t.test("the limit is Linux's file name limit", async (t) => {
@@ -136,6 +137,20 @@ t.test("state written under the 200-byte limit (before 255) reads as before: the
       `${bytes} bytes: no new file names`,
     );
   }
+});
+
+t.test("the temporary (pull: exported) bitmap named after a disk is a name within the limit", async (t) => {
+  t.equal(tempBitmapName("vda"), "backup-vda", "libvirt's name");
+  const at = "d".repeat(MAX_NAME_BYTES - "backup-".length);
+  t.equal(tempBitmapName(at), `backup-${at}`, "unchanged while it fits");
+  const long = [`${at}x`, "d".repeat(MAX_NAME_BYTES), `${"d".repeat(MAX_NAME_BYTES - 1)}e`];
+  const names = long.map(tempBitmapName);
+  for (const n of names) {
+    // backup-dumpxml shows it as exportbitmap; that XML fed back must be taken
+    t.ok(checkName(n, "exportbitmap").isOk(), `${Buffer.byteLength(n)} bytes, a name`);
+    t.ok(n.startsWith("backup-"));
+  }
+  t.equal(new Set(names).size, names.length, "distinct disks, distinct bitmaps");
 });
 
 t.test("one byte over the limit is refused at registration and in XML", async (t) => {
