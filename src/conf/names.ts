@@ -17,18 +17,21 @@ import type { ConfError } from "./errors.js";
 export const MAX_NAME_BYTES = 255;
 
 /**
- * The longest name used as it is in file names. The longest file name the
- * daemon derives, `.tmp-<stem>.completed.json.<12 hex>` (a job record's
- * atomic write), adds 33 bytes; stems are at most 191 bytes, so every
- * derived name fits in 255 with room to spare.
+ * The longest name used as it is in file names: 200, the limit names had
+ * before 255-byte names were allowed, so state and backup directories written
+ * then keep their file names. The longest file name the daemon derives,
+ * `.tmp-<stem>.completed.json.<12 hex>` (a job record's atomic write), adds
+ * 33 bytes, a pull's scratch image `<stem>.<stamp 15>.<id 8>.scratch.qcow2`
+ * 39; stems are at most 200 bytes (a hashed one 191), so every derived name
+ * fits in 255.
  */
-const STEM_MAX_BYTES = 191;
+const STEM_MAX_BYTES = 200;
 const STEM_KEPT = 150;
 /** Not a name character: a hashed stem is never the stem of another, shorter name. */
 const STEM_MARK = "+";
 
 /**
- * The part of file names that stands for `name`: the name itself up to 191
+ * The part of file names that stands for `name`: the name itself up to 200
  * bytes (every name until 255-byte names were allowed: existing state keeps
  * its file names), else its first 150 bytes, `+` and 40 hex digits of its
  * SHA-256. Names are ASCII (NAME_PATTERN), so bytes are characters. The file
@@ -36,7 +39,26 @@ const STEM_MARK = "+";
  */
 export function fileStem(name: string): string {
   if (Buffer.byteLength(name) <= STEM_MAX_BYTES) return name;
-  return `${name.slice(0, STEM_KEPT)}${STEM_MARK}${createHash("sha256").update(name).digest("hex").slice(0, 40)}`;
+  return `${name.slice(0, STEM_KEPT)}${STEM_MARK}${nameHash(name)}`;
+}
+
+/** 40 hex digits of the name's SHA-256: what stands for the part of a name that is cut. */
+function nameHash(name: string): string {
+  return createHash("sha256").update(name).digest("hex").slice(0, 40);
+}
+
+/**
+ * A name made of `prefix` and another name (a temporary bitmap named after
+ * its disk, `backup-<disk>`), itself a name within MAX_NAME_BYTES, as
+ * backup-dumpxml shows it and a definition given back may carry it: as it is
+ * while it fits, else `prefix`, the name's first bytes, `-` and 40 hex digits
+ * of its SHA-256, MAX_NAME_BYTES in all.
+ */
+export function derivedName(prefix: string, name: string): string {
+  const whole = `${prefix}${name}`;
+  if (Buffer.byteLength(whole) <= MAX_NAME_BYTES) return whole;
+  const hash = nameHash(name);
+  return `${prefix}${name.slice(0, MAX_NAME_BYTES - Buffer.byteLength(prefix) - hash.length - 1)}-${hash}`;
 }
 
 /** The characters a name may hold (libvirt's checkpoint name rule), as a JSON Schema / RegExp pattern. */

@@ -8,6 +8,7 @@ import { createHash } from "node:crypto";
  */
 import type { BackupDef, BackupDiskDef } from "../conf/backup.js";
 import type { CheckpointDefFull } from "../conf/checkpoint.js";
+import { derivedName } from "../conf/names.js";
 import type { DiskInfo } from "../qmp/disks.js";
 import { OWN_NODE_PREFIX } from "../qmp/disks.js";
 import type { BlockdevBackup, BlockdevOptions, BlockExportAddNbd, MirrorSyncMode, TransactionAction } from "../qmp/qapi.js";
@@ -88,9 +89,9 @@ export function ownNames(
   return { jobId: `${p}j${i}`, createJobId: `${p}c${i}`, targetNode: `${p}t${i}`, exportId: `${p}e${i}` };
 }
 
-/** libvirt's name for the temporary / exported bitmap. */
+/** libvirt's name for the temporary / exported bitmap (shortened where a long disk name would make it no name). */
 export function tempBitmapName(disk: string): string {
-  return `backup-${disk}`;
+  return derivedName("backup-", disk);
 }
 
 export function planDisk(

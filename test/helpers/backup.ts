@@ -3,8 +3,9 @@
  * job manager exists to do it (and as an independent oracle afterwards):
  * each follows ../shared/notes/qemu-recipes.md step by step.
  */
+import { join } from "node:path";
 import type { QmpClient, TransactionAction } from "../../src/qmp/index.js";
-import { createImage, execFileP } from "./qemu.js";
+import { createImage, execFileP, type QemuProcess } from "./qemu.js";
 
 let seq = 0;
 
@@ -58,6 +59,17 @@ export async function handBackups(client: QmpClient, size: string, backups: read
     }
   }
   for (const c of cleanup.reverse()) await c();
+}
+
+/** Every disk of `vm` at this moment, as standalone images <vm dir>/<name>-<disk>.qcow2 (one transaction): their paths. */
+export async function snapshotDisks(vm: QemuProcess, name: string, size: string): Promise<string[]> {
+  const files = vm.disks.map((x) => join(vm.dir, `${name}-${x.id}.qcow2`));
+  await handBackups(
+    vm.monitor,
+    size,
+    vm.disks.map((x, i) => ({ node: x.node, target: files[i]!, sync: "full" as const })),
+  );
+  return files;
 }
 
 /** Allocated (data) ranges of an image's top layer, as [offset, length] pairs. */

@@ -7,7 +7,7 @@ import { readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { ApiClient } from "../../src/cli/client.js";
-import { allocatedRanges, handBackups, rebaseOnto } from "../helpers/backup.js";
+import { allocatedRanges, rebaseOnto, snapshotDisks } from "../helpers/backup.js";
 import { cli, startDaemon } from "../helpers/daemon.js";
 import { bitmapNames, leftovers } from "../helpers/domain.js";
 import { execFileP, imagesIdentical, rangeHolds, startVm } from "../helpers/qemu.js";
@@ -30,15 +30,7 @@ t.test("domain-add, checkpoint, full push, incremental push, pull, abort, checkp
     if (l[0]?.state === "connected") break;
     await new Promise((r) => setTimeout(r, 50));
   }
-  const snap = async (name: string) => {
-    const files = vm.disks.map((x) => join(vm.dir, `${name}-${x.id}.qcow2`));
-    await handBackups(
-      vm.monitor,
-      "16M",
-      vm.disks.map((x, i) => ({ node: x.node, target: files[i]!, sync: "full" as const })),
-    );
-    return files;
-  };
+  const snap = (name: string) => snapshotDisks(vm, name, "16M");
 
   // full push with a checkpoint
   await vm.write(0, 0x11, 0, 2 * MiB);

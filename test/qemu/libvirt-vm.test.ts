@@ -11,7 +11,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { iothreadVerdict } from "../../src/qmp/iothread-hazards.js";
-import { handBackups, rebaseOnto } from "../helpers/backup.js";
+import { rebaseOnto, snapshotDisks } from "../helpers/backup.js";
 import { cli, startDaemon } from "../helpers/daemon.js";
 import { leftovers } from "../helpers/domain.js";
 import { startLibvirtVm } from "../helpers/libvirt.js";
@@ -47,15 +47,7 @@ for (const fixture of ["chain", "iothread", "scsi"]) {
       await new Promise((r) => setTimeout(r, 50));
     }
     // the disk at a moment, as a standalone image (a backup of our own, straight over QMP)
-    const snap = async (name: string) => {
-      const files = vm.disks.map((x) => join(vm.dir, `${name}-${x.id}.qcow2`));
-      await handBackups(
-        vm.monitor,
-        "16M",
-        vm.disks.map((x, i) => ({ node: x.node, target: files[i]!, sync: "full" as const })),
-      );
-      return files;
-    };
+    const snap = (name: string) => snapshotDisks(vm, name, "16M");
     const completed = async () => JSON.parse((await ok("--json", "domjobinfo", "vm1", "--completed")).stdout) as CompletedJob;
 
     await ok("checkpoint-create-as", "vm1", "c0");
