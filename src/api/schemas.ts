@@ -139,7 +139,15 @@ export const schemas: Readonly<Record<string, JsonSchema>> = {
         type: "array",
         items: {
           type: "object",
-          properties: { name: { type: "string" }, checkpoint: { type: "string", enum: ["bitmap", "no"] }, bitmap: { type: "string" } },
+          properties: {
+            name: { type: "string" },
+            checkpoint: { type: "string", enum: ["bitmap", "no"] },
+            bitmap: { type: "string" },
+            volatile: {
+              type: "boolean",
+              description: "the bitmap is not persistent (a raw disk): it lives only as long as the QEMU process (absent: persistent)",
+            },
+          },
         },
       },
     },

@@ -11,8 +11,10 @@
  *
  * - the bitmap is missing from the node it was seen on (a bitmap of that
  *   name added later records only from then on);
- * - it is inconsistent, or not persistent (ours are always created
- *   persistent, and no QMP command changes that: it was recreated);
+ * - it is inconsistent, or not persistent (ours are created persistent, and
+ *   no QMP command changes that: it was recreated), or persistent where the
+ *   checkpoint made it volatile (a raw disk's);
+ * - a volatile bitmap is missing, on whatever node (it cannot come back);
  * - its granularity changed (recreated);
  * - its dirty count fell (cleared, or removed and re-added): in this
  *   daemon's scheme a checkpoint's bitmap records from its creation on and
@@ -49,6 +51,10 @@ import { type IoError, ioError, writeFileAtomic } from "../util/atomic-file.js";
 import type { CheckpointMap } from "./tree.js";
 
 export const EVIDENCE_FILE = ".bitmaps.json";
+
+/** Why a volatile bitmap that is not there can never come back. */
+export const VOLATILE_GONE =
+  "it was volatile (the disk is raw: QEMU keeps its bitmap in memory only), so it did not outlive the QEMU process or the disk's attachment (QEMU restarted, or the disk was re-attached); a new full backup with a new checkpoint starts again";
 
 /** Why a checkpoint's bitmap on one disk can never be trusted again. */
 export interface BitmapTaint {
@@ -109,11 +115,13 @@ function iso(unix: number): string {
   return new Date(unix * 1000).toISOString().replace(/\.000Z$/, "Z");
 }
 
-function sightingTaint(b: DirtyBitmap, prev: BitmapSighting | undefined, now: number): string | undefined {
+function sightingTaint(b: DirtyBitmap, prev: BitmapSighting | undefined, now: number, volatile: boolean): string | undefined {
   const behind = "behind qbackupd's back";
   if (b.inconsistent) return `it was marked inconsistent at ${iso(now)} (QEMU did not shut down cleanly)`;
-  if (!b.persistent)
+  if (!b.persistent && !volatile)
     return `it was not persistent at ${iso(now)}: qbackupd creates them persistent, so it was removed and re-added ${behind}`;
+  if (b.persistent && volatile)
+    return `it was persistent at ${iso(now)}: qbackupd created it volatile (a raw disk's), so it was removed and re-added ${behind}`;
   if (prev !== undefined && b.granularity !== prev.granularity)
     return `its granularity changed from ${prev.granularity} to ${b.granularity} bytes between ${iso(prev.at)} and ${iso(now)}: it was removed and re-added ${behind}`;
   if (prev !== undefined && b.count < prev.count)
@@ -178,8 +186,12 @@ export function evidenceObserve(
         // On another node than where it was seen, the disk's graph changed (an external snapshot puts an
         // overlay without bitmaps on top; a commit brings the base and its bitmaps back, which then also
         // hold every committed write): validity reports it missing for now, but that is no proof of tampering.
+        // A volatile bitmap missing is gone for good, wherever it was: QEMU lost it (restart, re-attach), and one
+        // of that name seen later is not ours (node names of a new QEMU process may differ, so the node says nothing).
         const sameNode = base.seen?.node === undefined || base.seen.node === disk.disk.nodeName;
-        if (base.taint === undefined && sameNode)
+        if (base.taint === undefined && d.volatile === true)
+          set(d.name, { ...base, taint: taint(`it was gone at ${iso(now)}: ${VOLATILE_GONE}`) });
+        else if (base.taint === undefined && sameNode)
           set(d.name, {
             ...base,
             taint: taint(
@@ -189,7 +201,7 @@ export function evidenceObserve(
         continue;
       }
       const prev = base.seen;
-      const reason = base.taint === undefined ? sightingTaint(b, prev, now) : undefined;
+      const reason = base.taint === undefined ? sightingTaint(b, prev, now, d.volatile === true) : undefined;
       const node = disk.disk.nodeName;
       const same =
         prev !== undefined &&

@@ -284,9 +284,17 @@ export class CheckpointManager {
 
   /**
    * Look a checkpoint up and check it against QEMU *now*: the base of an
-   * incremental is never trusted from a cached view.
+   * incremental is never trusted from a cached view. With `only`, just those
+   * disks' bitmaps must hold (an incremental of some disks: a raw disk's
+   * volatile bitmap gone with a QEMU restart does not stop one of the qcow2
+   * disks); what is found wrong on the others is still recorded.
    */
-  requireValid(client: QmpClient, name: string, inUse: ReadonlySet<string> = new Set()): ResultAsync<CheckpointDefFull, CheckpointError> {
+  requireValid(
+    client: QmpClient,
+    name: string,
+    inUse: ReadonlySet<string> = new Set(),
+    only?: ReadonlySet<string>,
+  ): ResultAsync<CheckpointDefFull, CheckpointError> {
     const def = this.store.get(name);
     if (def === undefined)
       return errAsync({ code: "not-found", message: `checkpoint '${name}' does not exist in domain '${this.store.domain}'` });
@@ -303,7 +311,7 @@ export class CheckpointManager {
           message: `checkpoint '${name}' cannot be used: ${problems.join("; ")}`,
           problems,
         });
-      const problems = checkpointProblems(def, disks, inUse, book);
+      const problems = checkpointProblems(def, disks, inUse, book, only);
       if (problems.length > 0) return refuse(problems);
       // the counts say nothing against it: compare the bits with those of newer checkpoints
       return verifySubsets(client, def, this.store.all, disks, book)
@@ -322,9 +330,9 @@ export class CheckpointManager {
           return this.updateEvidence((b) => findings.reduce((acc, f) => evidenceTaintLacking(acc, name, f, now), b))
             .orElse(() => okAsync(undefined)) // kept in memory all the same
             .andThen(() => {
-              const p = checkpointProblems(def, disks, inUse, this.book);
-              this.setProblems(name, p);
-              return refuse(p);
+              this.setProblems(name, checkpointProblems(def, disks, inUse, this.book));
+              const p = checkpointProblems(def, disks, inUse, this.book, only);
+              return p.length === 0 ? okAsync(def) : refuse(p);
             });
         });
     });
@@ -352,7 +360,8 @@ export class CheckpointManager {
           message: `disk '${d.name}' already has a bitmap named '${d.bitmap}' (not ours: see unclaimed bitmaps)`,
         });
       }
-      actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: true } });
+      // a raw disk has nowhere to store a bitmap: QEMU keeps it in memory (volatile, marked so in the checkpoint)
+      actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: d.volatile !== true } });
     }
     // bitmaps first seen up to this generation exist before this checkpoint's are added
     return this.evidence().map((book) => {

@@ -3,7 +3,8 @@
  * with the disks and bitmaps QEMU reports, and with the evidence of earlier
  * checks (evidence.ts). A checkpoint is invalid when any of its bitmaps is
  * missing, marked inconsistent (QEMU crashed with it loaded), not
- * persistent, not recording, or busy without a job of ours holding it — or
+ * persistent (unless the checkpoint made it volatile: a raw disk's, gone for
+ * good once missing), not recording, or busy without a job of ours holding it — or
  * when the evidence says it was ever so, or was cleared, recreated or missed
  * writes behind our back, even if it looks healthy now. An invalid
  * checkpoint can never be the base of an incremental. Each checkpoint's
@@ -12,7 +13,7 @@
  */
 import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import type { DiskInfo } from "../qmp/disks.js";
-import { type EvidenceBook, emptyBook, evidenceTaints } from "./evidence.js";
+import { type EvidenceBook, emptyBook, evidenceTaints, VOLATILE_GONE } from "./evidence.js";
 import type { CheckpointMap } from "./tree.js";
 import { VERIFY_PREFIX } from "./verify.js";
 
@@ -34,11 +35,14 @@ export function checkpointProblems(
   disks: readonly DiskInfo[],
   inUse: ReadonlySet<string> = new Set(),
   evidence: EvidenceBook = emptyBook(),
+  /** Only these disks of the checkpoint matter (an incremental of some disks); default: all. */
+  only?: ReadonlySet<string>,
 ): string[] {
   const problems: string[] = [];
   const byName = new Map(disks.map((d) => [d.name, d]));
   const taints = evidenceTaints(evidence, def);
   for (const d of def.disks) {
+    if (only !== undefined && !only.has(d.name)) continue;
     const before = problems.length;
     if (d.checkpoint !== "bitmap" || d.bitmap === undefined) continue;
     const disk = byName.get(d.name);
@@ -48,9 +52,11 @@ export function checkpointProblems(
     }
     const b = disk.bitmaps.find((x) => x.name === d.bitmap);
     const where = `bitmap '${d.bitmap}' on disk '${d.name}'`;
-    if (b === undefined) problems.push(`${where} is missing`);
+    if (b === undefined && d.volatile === true) problems.push(`${where} is gone: ${VOLATILE_GONE}`);
+    else if (b === undefined) problems.push(`${where} is missing`);
     else if (b.inconsistent) problems.push(`${where} is inconsistent (QEMU did not shut down cleanly)`);
-    else if (!b.persistent) problems.push(`${where} is not persistent`);
+    else if (!b.persistent && d.volatile !== true) problems.push(`${where} is not persistent`);
+    else if (b.persistent && d.volatile === true) problems.push(`${where} is persistent, but qbackupd made it volatile: it was recreated`);
     else if (!b.recording) problems.push(`${where} is not recording guest writes`);
     else if (b.busy && !inUse.has(`${d.name}/${d.bitmap}`)) problems.push(`${where} is busy (in use by another job)`);
     // what is wrong now says enough; otherwise what was seen wrong before, which no later state undoes

@@ -11,6 +11,12 @@ export interface CheckpointRow {
   readonly creationTime: number;
   readonly valid: boolean | null;
   readonly current: boolean;
+  readonly disks?: readonly { readonly name: string; readonly volatile?: boolean }[];
+}
+
+/** The disks whose bitmap in this checkpoint is volatile (raw disks: gone when their QEMU process ends). */
+export function volatileDisks(c: CheckpointRow): string[] {
+  return (c.disks ?? []).filter((d) => d.volatile === true).map((d) => d.name);
 }
 
 export interface ListOptions {

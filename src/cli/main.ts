@@ -10,7 +10,14 @@ import { readFileSync } from "node:fs";
 import { Command, CommanderError } from "commander";
 import { escapeText } from "../conf/escape.js";
 import { packageVersion } from "../version.js";
-import { type CheckpointRow, checkpointListSelect, checkpointTreeRender, type ListOptions, localTime } from "./checkpoint-list.js";
+import {
+  type CheckpointRow,
+  checkpointListSelect,
+  checkpointTreeRender,
+  type ListOptions,
+  localTime,
+  volatileDisks,
+} from "./checkpoint-list.js";
 import { ApiClient, type ApiReply, isCallError } from "./client.js";
 import { bashCompletion, manPage } from "./docs.js";
 import { EXIT, EXIT_MEANING, exitCodeForStatus } from "./exit-codes.js";
@@ -444,7 +451,9 @@ export function buildCli(setExit: (code: number) => void): Command {
         );
         return;
       }
-      const header = ["Name", "Creation Time", ...(opts.parent ? ["Parent"] : []), "Valid"];
+      // a column of its own only where a listed checkpoint has volatile bitmaps (raw disks): the virsh table otherwise
+      const volatileColumn = list.some((x) => volatileDisks(x).length > 0);
+      const header = ["Name", "Creation Time", ...(opts.parent ? ["Parent"] : []), "Valid", ...(volatileColumn ? ["Volatile"] : [])];
       out(c, list, () =>
         table(
           header,
@@ -453,6 +462,7 @@ export function buildCli(setExit: (code: number) => void): Command {
             localTime(x.creationTime),
             ...(opts.parent ? [x.parent ?? ""] : []),
             x.valid === null ? "unknown" : x.valid ? "yes" : "NO",
+            ...(volatileColumn ? [volatileDisks(x).join(",") || "-"] : []),
           ]),
         ),
       );

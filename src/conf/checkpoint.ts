@@ -16,6 +16,13 @@ export interface CheckpointDiskDef {
   readonly bitmap?: string;
   /** Output only: bytes changed since the checkpoint. */
   readonly size?: number;
+  /**
+   * The bitmap is not persistent: the disk's format cannot store one (raw),
+   * so it lives only as long as the QEMU process. A qbackupd extension
+   * (`volatile='yes'`, outside libvirt's schema, written only when set);
+   * decided by alignment from the disk's format, kept on redefine.
+   */
+  readonly volatile?: boolean;
 }
 
 export interface CheckpointDef {
@@ -45,7 +52,7 @@ function checkDiskName(name: string): Result<string, ConfError> {
 }
 
 function parseDisk(el: XmlElement): Result<CheckpointDiskDef, ConfError> {
-  const allowed = checkAllowed(el, [], ["name", "checkpoint", "bitmap", "size"], "<disk> in <domaincheckpoint>");
+  const allowed = checkAllowed(el, [], ["name", "checkpoint", "bitmap", "size", "volatile"], "<disk> in <domaincheckpoint>");
   if (allowed.isErr()) return err(allowed.error);
   const name = el.attrs.name;
   if (name === undefined) return invalid("a <disk> in <domaincheckpoint> needs a name attribute");
@@ -53,9 +60,11 @@ function parseDisk(el: XmlElement): Result<CheckpointDiskDef, ConfError> {
   if (n.isErr()) return err(n.error);
   const type = el.attrs.checkpoint ?? "bitmap";
   if (type !== "bitmap" && type !== "no") return invalid(`disk '${name}': checkpoint must be 'bitmap' or 'no', got '${type}'`);
-  if (type === "no" && (el.attrs.bitmap !== undefined || el.attrs.size !== undefined)) {
-    return invalid(`disk '${name}': checkpoint='no' takes no bitmap or size`);
+  if (type === "no" && (el.attrs.bitmap !== undefined || el.attrs.size !== undefined || el.attrs.volatile !== undefined)) {
+    return invalid(`disk '${name}': checkpoint='no' takes no bitmap, size or volatile`);
   }
+  const vol = el.attrs.volatile;
+  if (vol !== undefined && vol !== "yes" && vol !== "no") return invalid(`disk '${name}': volatile must be 'yes' or 'no', got '${vol}'`);
   let bitmap: string | undefined;
   if (el.attrs.bitmap !== undefined) {
     const b = checkName(el.attrs.bitmap, `bitmap name of disk '${name}'`);
@@ -67,7 +76,7 @@ function parseDisk(el: XmlElement): Result<CheckpointDiskDef, ConfError> {
     const s = parseUnsignedLong(el.attrs.size, `size of disk '${name}'`);
     if (s.isErr()) return err(s.error);
   }
-  return ok({ name, checkpoint: type, ...(bitmap !== undefined ? { bitmap } : {}) });
+  return ok({ name, checkpoint: type, ...(bitmap !== undefined ? { bitmap } : {}), ...(vol === "yes" ? { volatile: true } : {}) });
 }
 
 export function checkpointDefParse(xml: string, opts: CheckpointParseOptions = {}): Result<CheckpointDef, ConfError> {
@@ -152,12 +161,24 @@ export function checkpointDefFormat(def: CheckpointDef, opts: CheckpointFormatOp
         checkpoint: d.checkpoint,
         bitmap: d.checkpoint === "bitmap" ? d.bitmap : undefined,
         size: opts.size === true && d.checkpoint === "bitmap" ? d.size : undefined,
+        volatile: d.checkpoint === "bitmap" && d.volatile === true ? "yes" : undefined,
       });
     }
     w.close("disks");
   }
   w.close("domaincheckpoint");
   return w.toString();
+}
+
+/**
+ * Can a disk of this format hold a checkpoint's bitmap, and how: qcow2
+ * stores it in the image (persistent); raw cannot store one, so QEMU keeps
+ * it in memory only (volatile); others not at all (undefined).
+ */
+function bitmapKind(format: string): { volatile?: true } | undefined {
+  if (format === "qcow2") return {};
+  if (format === "raw") return { volatile: true };
+  return undefined;
 }
 
 /** What alignment needs to know of each disk of the domain. */
@@ -178,8 +199,10 @@ export interface AlignOptions {
  * Fill defaults and check against the domain (libvirt's
  * virDomainCheckpointAlignDisks + the QEMU driver's disk checks): name
  * defaults to the time, every disk is listed, bitmaps are named after the
- * checkpoint, unknown disks and bitmaps on non-qcow2 disks are refused.
- * Without <disks>, writable qcow2 disks take part and the others are 'no'.
+ * checkpoint, unknown disks and bitmaps on disks of other formats than
+ * qcow2 and raw are refused. A raw disk's bitmap is volatile (no file to
+ * keep it in); libvirt refuses raw disks instead. Without <disks>, writable
+ * qcow2 and raw disks take part and the others are 'no'.
  */
 export function checkpointDefAlign(
   def: CheckpointDef,
@@ -191,8 +214,9 @@ export function checkpointDefAlign(
   const disks: CheckpointDiskDef[] = [];
   if (def.disks === undefined) {
     for (const d of domainDisks) {
-      const takesPart = d.format === "qcow2" && !d.readOnly;
-      disks.push(takesPart ? { name: d.name, checkpoint: "bitmap", bitmap: name } : { name: d.name, checkpoint: "no" });
+      const kind = bitmapKind(d.format);
+      const takesPart = kind !== undefined && !d.readOnly;
+      disks.push(takesPart ? { name: d.name, checkpoint: "bitmap", bitmap: name, ...kind } : { name: d.name, checkpoint: "no" });
     }
   } else {
     for (const d of def.disks) {
@@ -200,21 +224,25 @@ export function checkpointDefAlign(
       if (dd === undefined) {
         return err({ code: "unknown-disk", message: `checkpoint '${name}' names disk '${d.name}', which the domain does not have` });
       }
-      if (d.checkpoint === "bitmap" && dd.format !== "qcow2") {
+      const kind = bitmapKind(dd.format);
+      if (d.checkpoint === "bitmap" && kind === undefined) {
         return err({
           code: "unsupported-disk",
-          message: `disk '${d.name}' is ${dd.format}: only qcow2 disks can hold a checkpoint bitmap (use checkpoint='no')`,
+          message: `disk '${d.name}' is ${dd.format}: only qcow2 disks (persistent) and raw disks (volatile) can hold a checkpoint bitmap (use checkpoint='no')`,
         });
       }
       if (d.checkpoint === "bitmap" && dd.readOnly) {
         return err({ code: "unsupported-disk", message: `disk '${d.name}' is read-only: it cannot record changes for a checkpoint` });
       }
-      disks.push(d.checkpoint === "bitmap" ? { name: d.name, checkpoint: "bitmap", bitmap: d.bitmap ?? name } : d);
+      disks.push(d.checkpoint === "bitmap" ? { name: d.name, checkpoint: "bitmap", bitmap: d.bitmap ?? name, ...kind } : d);
     }
     for (const d of domainDisks) if (!def.disks.some((x) => x.name === d.name)) disks.push({ name: d.name, checkpoint: "no" });
   }
   if (!disks.some((d) => d.checkpoint === "bitmap")) {
-    return err({ code: "xml-invalid", message: `checkpoint '${name}' would cover no disk: no disk of the domain can hold a bitmap` });
+    return err({
+      code: "xml-invalid",
+      message: `checkpoint '${name}' would cover no disk: no writable qcow2 or raw disk of the domain can hold a bitmap`,
+    });
   }
   return ok({
     name,

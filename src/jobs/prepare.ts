@@ -181,7 +181,10 @@ export class BackupPreparer {
       return errAsync({ code: "unsupported", message: "NBD over a passed file descriptor (transport='fd') is not supported" });
     // every checkpoint an incremental starts from is checked against QEMU now
     const cpNames = [...new Set(selected.map((d) => d.incremental).filter((x): x is string => x !== undefined))];
-    const checks = cpNames.map((n) => domain.checkpoints.requireValid(client, n));
+    // only the disks backed up since a checkpoint need its bitmaps intact
+    const checks = cpNames.map((n) =>
+      domain.checkpoints.requireValid(client, n, undefined, new Set(selected.filter((d) => d.incremental === n).map((d) => d.name))),
+    );
     const sources = selected.map((d) => disks.find((x) => x.name === d.name)!);
     const iothreadsOk = refuseIothreadHazards(client, def.mode, sources);
     return iothreadsOk
@@ -206,10 +209,11 @@ export class BackupPreparer {
               return errAsync<never, BackupError>({ code: "path-refused", message: `two disks would write to ${p.path}` });
             seen.add(p.path);
             const source = disks.find((x) => x.name === d.name)!;
-            if (d.backupmode === "incremental" && source.format !== "qcow2") {
+            // raw: a volatile bitmap (valid while its QEMU process lives: the checkpoint's validity says)
+            if (d.backupmode === "incremental" && source.format !== "qcow2" && source.format !== "raw") {
               return errAsync<never, BackupError>({
                 code: "unsupported-disk",
-                message: `disk '${d.name}' is ${source.format}: incremental backups need qcow2 bitmaps`,
+                message: `disk '${d.name}' is ${source.format}: incremental backups need a bitmap, which only qcow2 (persistent) and raw (volatile) disks hold`,
               });
             }
             const withPath: BackupDiskDef = { ...d, store: { ...d.store!, file: p.path } };

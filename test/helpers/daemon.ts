@@ -2,6 +2,7 @@
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import type { Test } from "tap";
 import { ApiClient } from "../../src/cli/client.js";
 import { type Teardown, tempDir } from "./qemu.js";
 
@@ -129,6 +130,17 @@ export function cli(socket: string, args: string[], bin = join(ROOT, "bin", "qba
       resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
     });
   });
+}
+
+/** qbackup on `socket`: `q` runs it, `ok` also asserts exit 0 (the message carries its stderr). */
+export function cliOn(t: Pick<Test, "equal">, socket: string) {
+  const q = (...args: string[]) => cli(socket, args);
+  const ok = async (...args: string[]) => {
+    const r = await q(...args);
+    t.equal(r.code, 0, `qbackup ${args.join(" ")}: ${r.stderr.trim()}`);
+    return r;
+  };
+  return { q, ok };
 }
 
 /** Poll `fn` every 50 ms until it holds; throw after `ms`. */

@@ -185,7 +185,8 @@ export async function finish(
 /** A stopped (-S) VM with N virtio-blk disks vda, vdb, … and two QMP monitors. */
 export async function startVm(t: Teardown, opts: VmOptions = {}): Promise<QemuProcess> {
   const dir = opts.dir ?? tempDir(t);
-  const specs: readonly DiskSpec[] = opts.images?.map(() => ({})) ?? opts.disks ?? [{}];
+  // reused images keep the formats `disks` gives them (qcow2 where it gives none)
+  const specs: readonly DiskSpec[] = opts.images?.map((_, i) => opts.disks?.[i] ?? {}) ?? opts.disks ?? [{}];
   const args = ["-nodefaults", "-machine", "pc", "-accel", "tcg", "-S", "-display", "none", "-m", "32"];
   const disks: TestDisk[] = [];
   for (const [i, spec] of specs.entries()) {

@@ -132,20 +132,36 @@ t.test("bad requests are refused before QEMU is touched", async (t) => {
   t.match((await mgr.create(client, "<domaincheckpoint>"))._unsafeUnwrapErr(), { code: "xml-malformed" });
 });
 
-t.test("a raw disk cannot hold a checkpoint bitmap", async (t) => {
+t.test("a raw disk holds a volatile checkpoint bitmap; other formats none", async (t) => {
   const vm = await startVm(t, { disks: [{ size: "16M" }, { size: "16M", format: "raw" }] });
   const client = (await QmpClient.connect({ path: vm.qmpPath }, { logger: silentLogger }))._unsafeUnwrap();
   t.teardown(() => client.close());
   const store = (await CheckpointStore.open(tempDir(t), "vm1", silentLogger))._unsafeUnwrap();
   const mgr = new CheckpointManager(store, { logger: silentLogger });
-  const e = (await mgr.create(client, "<domaincheckpoint><disks><disk name='vdb'/></disks></domaincheckpoint>"))._unsafeUnwrapErr();
-  t.match(e, { code: "unsupported-disk", message: /vdb.*raw/ });
+  const only = (
+    await mgr.create(client, "<domaincheckpoint><name>r</name><disks><disk name='vdb'/></disks></domaincheckpoint>")
+  )._unsafeUnwrap();
+  t.same(only.disks, [
+    { name: "vdb", checkpoint: "bitmap", bitmap: "r", volatile: true },
+    { name: "vda", checkpoint: "no" },
+  ]);
   const def = (await mgr.create(client, undefined))._unsafeUnwrap();
   t.same(def.disks, [
     { name: "vda", checkpoint: "bitmap", bitmap: def.name },
-    { name: "vdb", checkpoint: "no" },
+    { name: "vdb", checkpoint: "bitmap", bitmap: def.name, volatile: true },
   ]);
   t.match(def.name, /^\d+$/, "name defaults to the Unix time");
+  const nodes = (await client.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
+  const vdb = nodes.find((n) => n["node-name"] === vm.disks[1]!.node)?.["dirty-bitmaps"] ?? [];
+  t.same(
+    vdb.map((b) => [b.name, b.persistent]).sort(),
+    [
+      [def.name, false],
+      ["r", false],
+    ],
+    "non-persistent in QEMU",
+  );
+  t.same((await mgr.reconcile(client))._unsafeUnwrap().problems.get("r"), [], "valid while that QEMU lives");
 });
 
 t.test("a new store on the same directory reloads the tree; a corrupt file is skipped", async (t) => {

@@ -1,46 +1,164 @@
 /**
- * A domain with a raw disk beside a qcow2 one (raw files and LVM volumes are
- * common in production): full backups include it, a checkpoint leaves it out
- * (no bitmap can live in it), and an incremental of it is refused rather
- * than guessed. Real QEMU.
+ * A domain with a raw disk beside a qcow2 one (raw files, LVM volumes, RBD
+ * images are common in production). A raw image cannot store a bitmap, so a
+ * checkpoint covers it with a volatile one (non-persistent: in QEMU's memory
+ * only). Through the CLI against real QEMU: incrementals of the raw disk are
+ * exact while that QEMU process lives; once QEMU has restarted, the bitmap
+ * is gone and an incremental of the raw disk is refused with the reason,
+ * never guessed, while the qcow2 disk's chain goes on; a new full starts the
+ * raw disk's chain again.
  */
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import t from "tap";
-import { jobManager, leftovers, settledBackup, testDomain } from "../helpers/domain.js";
-import { rangeHolds } from "../helpers/qemu.js";
+import { allocatedRanges, rebaseOnto, snapshotDisks } from "../helpers/backup.js";
+import { addDomain, cli, cliOn, connected, startDaemon } from "../helpers/daemon.js";
+import { leftovers } from "../helpers/domain.js";
+import { imagesIdentical, type QemuProcess, startVm } from "../helpers/qemu.js";
 
-const MiB = 1024 * 1024;
+const KiB = 1024;
+const MiB = 1024 * KiB;
 
-t.test("full push with a checkpoint; incremental of the qcow2 disk only", async (t) => {
-  const d = await testDomain(t, "vm1", [{ size: "16M" }, { size: "16M", format: "raw" }]);
-  const jm = jobManager(d.backupDir);
-  await d.vm.write(0, 0x11, 0, MiB);
-  await d.vm.write(1, 0x21, 2 * MiB, MiB);
-  const full = await settledBackup(jm, d, undefined, "<domaincheckpoint><name>c1</name></domaincheckpoint>");
-  t.equal(full.state, "ready", full.error ?? "");
-  t.ok(await rangeHolds(full.disks[0]!.file, "qcow2", 0x11, 0, MiB), "vda");
-  t.ok(await rangeHolds(full.disks[1]!.file, "qcow2", 0x21, 2 * MiB, MiB), "vdb, the raw disk, in full");
+interface JobJson {
+  disks: { name: string; file: string }[];
+}
+interface CheckpointJson {
+  name: string;
+  valid: boolean | null;
+  problems: string[];
+  disks: { name: string; volatile?: boolean }[];
+}
+
+/** Bitmaps on each disk's node as QEMU has them: "node/name persistent|volatile". */
+async function bitmapsOf(vm: QemuProcess): Promise<string[]> {
+  const nodes = (await vm.monitor.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
+  return nodes
+    .filter((n) => vm.disks.some((d) => d.node === n["node-name"]))
+    .flatMap((n) => (n["dirty-bitmaps"] ?? []).map((b) => `${n["node-name"]}/${b.name} ${b.persistent ? "persistent" : "volatile"}`))
+    .sort();
+}
+
+t.test("a raw disk: a volatile bitmap, incrementals exact while QEMU lives, refused with the reason after it restarts", async (t) => {
+  const formats = [{ size: "16M" }, { size: "16M", format: "raw" as const }];
+  const vm = await startVm(t, { disks: formats });
+  const d = await startDaemon(t);
+  const { q, ok } = cliOn(t, d.socket);
+  const completed = async () => JSON.parse((await ok("--json", "domjobinfo", "vm1", "--completed")).stdout) as JobJson;
+  const checkpoints = async () => JSON.parse((await ok("--json", "checkpoint-list", "vm1")).stdout) as CheckpointJson[];
+  const file = (name: string, xml: string) => {
+    const p = join(vm.dir, name);
+    writeFileSync(p, xml);
+    return p;
+  };
+  await addDomain(d, "vm1", vm.qmpPath);
+
+  // a full with checkpoint c1: the raw disk is in it, with a volatile bitmap
+  await vm.write(0, 0x11, 0, MiB);
+  await vm.write(1, 0x21, 2 * MiB, MiB);
+  await ok("backup-begin", "vm1", "", file("c1.xml", "<domaincheckpoint><name>c1</name></domaincheckpoint>"));
+  await ok("wait", "vm1", "--timeout", "60");
+  const full = (await completed()).disks.map((x) => x.file);
+  const dump = (await ok("checkpoint-dumpxml", "vm1", "c1")).stdout;
+  t.match(dump, /<disk name='vda' checkpoint='bitmap' bitmap='c1'\/>/, "the qcow2 disk: persistent (libvirt's XML)");
+  t.match(dump, /<disk name='vdb' checkpoint='bitmap' bitmap='c1' volatile='yes'\/>/, "the raw disk: volatile, said in the XML");
+  t.same(await bitmapsOf(vm), ["drive-vda/c1 persistent", "drive-vdb/c1 volatile"], "in QEMU");
+  const table = (await ok("checkpoint-list", "vm1")).stdout;
+  t.match(table, /^ Name\s+Creation Time\s+Valid\s+Volatile\n/, "checkpoint-list has a Volatile column");
+  t.match(table, /\n c1 \*\s+\S+ \S+ \S+\s+yes\s+vdb\n/);
   t.same(
-    d.checkpoints.store.get("c1")?.disks,
+    (await checkpoints())[0]?.disks.map((x) => [x.name, x.volatile === true]),
     [
-      { name: "vda", checkpoint: "bitmap", bitmap: "c1" },
-      { name: "vdb", checkpoint: "no" },
+      ["vda", false],
+      ["vdb", true],
     ],
-    "the checkpoint leaves the raw disk out",
   );
 
-  const all = await jm.begin(d.domain, "<domainbackup><incremental>c1</incremental></domainbackup>", undefined);
-  t.match(all._unsafeUnwrapErr(), { code: "unsupported-disk", message: /vdb.*raw/ }, "an incremental of the raw disk is refused");
-  t.same(await leftovers(d.client), [], "nothing touched");
+  // guest writes, then an incremental since c1 (creating c2): exactly the written clusters, restored byte-exact
+  await vm.write(1, 0x22, 5 * MiB, 128 * KiB);
+  await vm.write(0, 0x12, 4 * MiB, 64 * KiB);
+  const at2 = await snapshotDisks(vm, "at2", "16M");
+  const inc = file("inc-c1.xml", "<domainbackup><incremental>c1</incremental></domainbackup>");
+  await ok("backup-begin", "vm1", inc, file("c2.xml", "<domaincheckpoint><name>c2</name></domaincheckpoint>"));
+  await ok("wait", "vm1", "--timeout", "60");
+  const inc1 = (await completed()).disks.map((x) => x.file);
+  t.same(await allocatedRanges(inc1[0]!), [[4 * MiB, 64 * KiB]], "vda: the written cluster");
+  t.same(await allocatedRanges(inc1[1]!), [[5 * MiB, 128 * KiB]], "vdb (raw): exactly the written clusters");
+  for (let i = 0; i < 2; i++) {
+    await rebaseOnto(inc1[i]!, full[i]!);
+    const cmp = await imagesIdentical(inc1[i]!, at2[i]!);
+    t.ok(cmp.identical, `full + incremental = disk at c2 (${vm.disks[i]!.id}): ${cmp.output}`);
+  }
+  t.same(await leftovers(vm.monitor), []);
 
-  await d.vm.write(0, 0x12, 4 * MiB, 64 * 1024);
-  const qcow2Only =
-    "<domainbackup><incremental>c1</incremental><disks><disk name='vda'/><disk name='vdb' backup='no'/></disks></domainbackup>";
-  const inc = await settledBackup(jm, d, qcow2Only, undefined);
-  t.equal(inc.state, "ready", inc.error ?? "");
+  // QEMU restarts (the same images, the same QMP socket): the volatile bitmaps are gone with the process
+  await vm.write(1, 0x23, 8 * MiB, 64 * KiB);
+  // a clean shutdown (quit), as a VM restart is: QEMU stores persistent bitmaps only when it closes the image
+  await vm.monitor.execute("quit");
+  await vm.exited;
+  const vm2 = await startVm(t, { dir: vm.dir, images: vm.disks.map((x) => x.path), disks: formats });
+  await connected(d, "vm1");
+  t.same(await bitmapsOf(vm2), ["drive-vda/c1 persistent", "drive-vda/c2 persistent"], "only the qcow2 disk's bitmaps survived");
+  const after = await checkpoints();
+  for (const c of after) {
+    t.equal(c.valid, false, `${c.name}: shown invalid`);
+    t.match(c.problems.join("\n"), /bitmap '.*' on disk 'vdb' is gone: it was volatile .*QEMU restarted/, `${c.name}: with the reason`);
+    t.notMatch(c.problems.join("\n"), /vda/, `${c.name}: the qcow2 disk's bitmap is fine`);
+  }
+  t.match((await ok("checkpoint-list", "vm1")).stdout, /\n c2 \*\s+\S+ \S+ \S+\s+NO\s+vdb\n/);
+  const refused = await q("backup-begin", "vm1", file("inc-c2.xml", "<domainbackup><incremental>c2</incremental></domainbackup>"));
+  t.not(refused.code, 0, "an incremental of the raw disk since c2 is refused");
+  t.match(refused.stderr, /checkpoint 'c2' cannot be used: bitmap 'c2' on disk 'vdb' is gone: it was volatile/);
+  t.same(await leftovers(vm2.monitor), [], "the refusal touched nothing");
+
+  // the qcow2 disk's chain goes on: an incremental of vda alone since c2
+  await vm2.write(0, 0x13, 6 * MiB, 64 * KiB);
+  const vdaOnly = file(
+    "inc-vda.xml",
+    "<domainbackup><incremental>c2</incremental><disks><disk name='vda'/><disk name='vdb' backup='no'/></disks></domainbackup>",
+  );
+  await ok("backup-begin", "vm1", vdaOnly);
+  await ok("wait", "vm1", "--timeout", "60");
+  const vda = (await completed()).disks;
   t.same(
-    inc.disks.map((x) => x.name),
+    vda.map((x) => x.name),
     ["vda"],
   );
-  t.ok(await rangeHolds(inc.disks[0]!.file, "qcow2", 0x12, 4 * MiB, 64 * 1024));
-  t.same(await leftovers(d.client), []);
+  t.same(await allocatedRanges(vda[0]!.file), [[6 * MiB, 64 * KiB]], "vda since c2: the written cluster");
+
+  // a new full with checkpoint c3 starts the raw disk's chain again, exact as before
+  await ok("backup-begin", "vm1", "", file("c3.xml", "<domaincheckpoint><name>c3</name></domaincheckpoint>"));
+  await ok("wait", "vm1", "--timeout", "60");
+  const full3 = (await completed()).disks.map((x) => x.file);
+  await vm2.write(1, 0x24, 9 * MiB, 64 * KiB);
+  const at4 = await snapshotDisks(vm2, "at4", "16M");
+  await ok("backup-begin", "vm1", file("inc-c3.xml", "<domainbackup><incremental>c3</incremental></domainbackup>"));
+  await ok("wait", "vm1", "--timeout", "60");
+  const inc3 = (await completed()).disks.map((x) => x.file);
+  t.same(await allocatedRanges(inc3[1]!), [[9 * MiB, 64 * KiB]], "vdb since c3: exactly the written cluster");
+  await rebaseOnto(inc3[1]!, full3[1]!);
+  t.ok((await imagesIdentical(inc3[1]!, at4[1]!)).identical, "full + incremental = vdb now");
+  t.same(await leftovers(vm2.monitor), []);
+});
+
+t.test("a qcow2 image with an external raw data-file holds persistent bitmaps like any qcow2", async (t) => {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  await vm.kill();
+  // the same VM directory, its disk re-created as qcow2 metadata over a raw data file (libvirt ≥ 10.10's way for raw storage)
+  const image = vm.disks[0]!.path;
+  const { execFileP } = await import("../helpers/qemu.js");
+  await execFileP("qemu-img", ["create", "-f", "qcow2", "-o", `data_file=${join(vm.dir, "vda.raw")},data_file_raw=on`, image, "16M"]);
+  const vm2 = await startVm(t, { dir: vm.dir, images: [image] });
+  const d = await startDaemon(t);
+  await addDomain(d, "vm1", vm2.qmpPath);
+  const r = await cli(d.socket, ["checkpoint-create-as", "vm1", "c1"]);
+  t.equal(r.code, 0, r.stderr);
+  t.same(await bitmapsOf(vm2), ["drive-vda/c1 persistent"], "a persistent bitmap, stored in the qcow2 metadata");
+  t.notMatch((await cli(d.socket, ["checkpoint-dumpxml", "vm1", "c1"])).stdout, /volatile/);
+  await vm2.write(0, 0x31, MiB, 64 * KiB);
+  const inc = join(vm2.dir, "inc.xml");
+  writeFileSync(inc, "<domainbackup><incremental>c1</incremental></domainbackup>");
+  t.equal((await cli(d.socket, ["backup-begin", "vm1", inc])).code, 0);
+  t.equal((await cli(d.socket, ["wait", "vm1", "--timeout", "60"])).code, 0);
+  const job = JSON.parse((await cli(d.socket, ["--json", "domjobinfo", "vm1", "--completed"])).stdout) as JobJson;
+  t.same(await allocatedRanges(job.disks[0]!.file), [[MiB, 64 * KiB]], "the incremental holds the written cluster");
 });

@@ -119,21 +119,44 @@ t.test("bad input: clear errors", async (t) => {
   }
 });
 
-t.test("alignment refuses unknown and raw disks, leaves read-only and raw out by default", async (t) => {
+t.test("alignment: raw disks get a volatile bitmap, other formats and read-only disks are left out or refused", async (t) => {
   const disks: DomainDiskSummary[] = [
     qcow2("vda"),
     { name: "vdb", format: "raw", readOnly: false },
     { name: "vdc", format: "qcow2", readOnly: true },
+    { name: "vdd", format: "vmdk", readOnly: false },
   ];
   const def = checkpointDefAlign({}, disks, { now: 42 })._unsafeUnwrap();
   t.same(def.disks, [
     { name: "vda", checkpoint: "bitmap", bitmap: "42" },
-    { name: "vdb", checkpoint: "no" },
+    { name: "vdb", checkpoint: "bitmap", bitmap: "42", volatile: true },
     { name: "vdc", checkpoint: "no" },
+    { name: "vdd", checkpoint: "no" },
   ]);
   t.equal(def.name, "42");
-  const raw = checkpointDefAlign({ disks: [{ name: "vdb", checkpoint: "bitmap" }] }, disks, { now: 1 });
-  t.match(raw._unsafeUnwrapErr(), { code: "unsupported-disk", message: /vdb.*raw.*only qcow2/ });
+  const raw = checkpointDefAlign({ disks: [{ name: "vdb", checkpoint: "bitmap" }] }, disks, { now: 1 })._unsafeUnwrap();
+  t.same(raw.disks[0], { name: "vdb", checkpoint: "bitmap", bitmap: "1", volatile: true }, "asked for: volatile");
+  const claimed = checkpointDefAlign({ disks: [{ name: "vda", checkpoint: "bitmap", volatile: true }] }, disks, { now: 1 })._unsafeUnwrap();
+  t.same(claimed.disks[0], { name: "vda", checkpoint: "bitmap", bitmap: "1" }, "a caller's volatile is not taken: the format decides");
+  const vmdk = checkpointDefAlign({ disks: [{ name: "vdd", checkpoint: "bitmap" }] }, disks, { now: 1 });
+  t.match(vmdk._unsafeUnwrapErr(), { code: "unsupported-disk", message: /vdd.*vmdk.*only qcow2.*raw/ });
   const unknown = checkpointDefAlign({ disks: [{ name: "vdz", checkpoint: "bitmap" }] }, disks, { now: 1 });
   t.match(unknown._unsafeUnwrapErr(), { code: "unknown-disk", message: /vdz/ });
+  const onlyVmdk = checkpointDefAlign({}, [{ name: "vdd", format: "vmdk", readOnly: false }], { now: 1 });
+  t.match(onlyVmdk._unsafeUnwrapErr(), { message: /would cover no disk/ });
+});
+
+t.test("volatile='yes' round-trips on redefine, and is only written when set", async (t) => {
+  const xml =
+    "<domaincheckpoint><name>c1</name><creationTime>5</creationTime><disks><disk name='vda' checkpoint='bitmap' bitmap='c1'/><disk name='vdb' checkpoint='bitmap' bitmap='c1' volatile='yes'/></disks></domaincheckpoint>";
+  const def = checkpointDefParse(xml, { redefine: true })._unsafeUnwrap();
+  t.same(def.disks, [
+    { name: "vda", checkpoint: "bitmap", bitmap: "c1" },
+    { name: "vdb", checkpoint: "bitmap", bitmap: "c1", volatile: true },
+  ]);
+  const out = checkpointDefFormat(def);
+  t.match(out, /<disk name='vdb' checkpoint='bitmap' bitmap='c1' volatile='yes'\/>/);
+  t.match(out, /<disk name='vda' checkpoint='bitmap' bitmap='c1'\/>/);
+  t.ok(checkpointDefParse("<domaincheckpoint><disks><disk name='vda' checkpoint='no' volatile='yes'/></disks></domaincheckpoint>").isErr());
+  t.ok(checkpointDefParse("<domaincheckpoint><disks><disk name='vda' volatile='maybe'/></disks></domaincheckpoint>").isErr());
 });
