@@ -544,9 +544,21 @@ export class CheckpointManager {
               for (const t of targets) {
                 for (const d of t.disks) {
                   const disk = disks.find((x) => x.name === d.name);
-                  // a bitmap already gone (invalid checkpoint) is simply not removed again
-                  if (d.bitmap === undefined || disk === undefined || !disk.bitmaps.some((b) => b.name === d.bitmap)) continue;
-                  actions.push({ type: "block-dirty-bitmap-remove", data: { node: disk.nodeName, name: d.bitmap } });
+                  if (d.bitmap === undefined || disk === undefined) continue;
+                  // on the disk's node, or on a layer below since an external snapshot (still ours: removed with it,
+                  // unless QEMU holds that layer read-only, as it does backing layers: then QEMU refuses any change
+                  // to it, and the bitmap stays, recording nothing); a bitmap already gone is not removed again
+                  const has = (bitmaps: readonly { name: string }[]) => bitmaps.some((b) => b.name === d.bitmap);
+                  const below = has(disk.bitmaps) ? undefined : disk.below.find((l) => has(l.bitmaps));
+                  if (below?.readOnly === true) {
+                    this.log.warn(
+                      { checkpoint: t.name, disk: d.name, node: below.nodeName, bitmap: d.bitmap },
+                      "the checkpoint's bitmap stays on a read-only backing layer (qemu-img bitmap --remove takes it off once the image is not in use)",
+                    );
+                    continue;
+                  }
+                  const node = below?.nodeName ?? (has(disk.bitmaps) ? disk.nodeName : undefined);
+                  if (node !== undefined) actions.push({ type: "block-dirty-bitmap-remove", data: { node, name: d.bitmap } });
                 }
               }
               if (actions.length === 0) return okAsync(undefined);

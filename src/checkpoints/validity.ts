@@ -52,7 +52,12 @@ export function checkpointProblems(
     }
     const b = disk.bitmaps.find((x) => x.name === d.bitmap);
     const where = `bitmap '${d.bitmap}' on disk '${d.name}'`;
+    const layer = b === undefined ? disk.below.find((l) => l.bitmaps.some((x) => x.name === d.bitmap)) : undefined;
     if (b === undefined && d.volatile === true) problems.push(`${where} is gone: ${VOLATILE_GONE}`);
+    else if (layer !== undefined)
+      problems.push(
+        `${where} is on a backing layer (node '${layer.nodeName}'): an overlay was put on top of it (an external snapshot), so the guest's writes since then are not in it`,
+      );
     else if (b === undefined) problems.push(`${where} is missing`);
     else if (b.inconsistent) problems.push(`${where} is inconsistent (QEMU did not shut down cleanly)`);
     else if (!b.persistent && d.volatile !== true) problems.push(`${where} is not persistent`);

@@ -35,6 +35,19 @@ export interface DiskInfo {
   readonly readOnly: boolean;
   readonly hasBacking: boolean;
   readonly bitmaps: readonly DirtyBitmap[];
+  /**
+   * The backing chain below the disk's node, top-down: where bitmaps of
+   * checkpoints made before an external snapshot stay (they record no guest
+   * write there, only what a commit writes into that layer).
+   */
+  readonly below: readonly BackingLayer[];
+}
+
+export interface BackingLayer {
+  readonly nodeName: string;
+  /** QEMU opened the layer read-only (as backing layers are): its bitmaps cannot be changed there. */
+  readonly readOnly: boolean;
+  readonly bitmaps: readonly DirtyBitmap[];
 }
 
 /** Node names qbackupd gives its own nodes (targets, scratch); never listed as disks. */
@@ -61,7 +74,7 @@ function bitmapFrom(b: BlockDirtyInfo): DirtyBitmap {
   };
 }
 
-function diskFrom(name: string, qdev: string | undefined, n: BlockDeviceInfo): DiskInfo {
+function diskFrom(name: string, qdev: string | undefined, n: BlockDeviceInfo, below: readonly BackingLayer[] = []): DiskInfo {
   return {
     name,
     nodeName: n["node-name"] ?? "",
@@ -72,8 +85,30 @@ function diskFrom(name: string, qdev: string | undefined, n: BlockDeviceInfo): D
     clusterSize: n.image["cluster-size"],
     readOnly: n.ro,
     hasBacking: n.backing_file !== undefined || n.image["backing-filename"] !== undefined,
-    bitmaps: (n["dirty-bitmaps"] ?? []).filter((b) => b.name !== undefined).map(bitmapFrom),
+    bitmaps: bitmapsOf(n),
+    below,
   };
+}
+
+function bitmapsOf(n: BlockDeviceInfo): DirtyBitmap[] {
+  return (n["dirty-bitmaps"] ?? []).filter((b) => b.name !== undefined).map(bitmapFrom);
+}
+
+/** The nodes below `top` by backing edges (each looked through filters, as a commit's filter may sit between). */
+function backingChain(top: string, nodes: ReadonlyMap<string, BlockDeviceInfo>, graph: Graph): BackingLayer[] {
+  const out: BackingLayer[] = [];
+  let cur = top;
+  // a graph has no cycles; the bound only guards against a malformed answer
+  for (let i = 0; i < 64; i++) {
+    const next = graph.children.get(cur)?.get("backing");
+    if (next === undefined) break;
+    const path = throughFilters(next, nodes, graph);
+    cur = path[path.length - 1]!;
+    const n = nodes.get(cur);
+    if (n === undefined) break;
+    out.push({ nodeName: cur, readOnly: n.ro, bitmaps: bitmapsOf(n) });
+  }
+  return out;
 }
 
 /**
@@ -173,7 +208,8 @@ export function disksFromGraph(blocks: readonly BlockInfo[], nodes: readonly Blo
     }
     const path = throughFilters(top, byName, graph);
     for (const p of path) used.add(p);
-    disks.push(diskFrom(name, b.qdev, byName.get(path[path.length - 1]!) ?? ins));
+    const node = path[path.length - 1]!;
+    disks.push(diskFrom(name, b.qdev, byName.get(node) ?? ins, backingChain(node, byName, graph)));
   }
   // Named format nodes no device uses (qemu-storage-daemon, or a VM's spare nodes): the roots of
   // the remaining trees, each looked through its filters (a job on a storage daemon's disk puts
@@ -187,7 +223,7 @@ export function disksFromGraph(blocks: readonly BlockInfo[], nodes: readonly Blo
     const real = byName.get(nn);
     if (!isSpareCandidate(nn) || used.has(nn) || real === undefined || !FORMAT_DRIVERS.has(real.drv)) continue;
     for (const p of path) used.add(p);
-    spare.push(diskFrom(nn, undefined, real));
+    spare.push(diskFrom(nn, undefined, real, backingChain(nn, byName, graph)));
   }
   // QEMU lists nodes newest first; sort so names are stable across restarts.
   spare.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));

@@ -96,3 +96,13 @@ export async function bitmapNames(client: QmpClient): Promise<(string | undefine
     .flatMap((b) => (b.inserted?.["dirty-bitmaps"] ?? []).map((x) => x.name))
     .sort();
 }
+
+/** Poll query-jobs until job `id` has `status` ("gone": no longer listed). */
+export async function waitJob(mon: QmpClient, id: string, status: string): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    const j = (await mon.execute("query-jobs"))._unsafeUnwrap().find((x) => x.id === id);
+    if (status === "gone" ? j === undefined : j?.status === status) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`job ${id} never reached ${status}`);
+}

@@ -10,7 +10,7 @@ import t from "tap";
 import { discoverDisks } from "../../src/qmp/disks.js";
 import type { QmpClient } from "../../src/qmp/index.js";
 import { qemuIoDevice } from "../../src/qmp/index.js";
-import { jobManager, leftovers, settledBackup, testDomain } from "../helpers/domain.js";
+import { jobManager, leftovers, settledBackup, testDomain, waitJob } from "../helpers/domain.js";
 import { createImage, execFileP, imagesIdentical, tempDir } from "../helpers/qemu.js";
 
 const MiB = 1024 * 1024;
@@ -47,15 +47,6 @@ async function libvirtChainArgs(dir: string): Promise<string[]> {
 
 async function diskList(client: QmpClient): Promise<{ name: string; node: string }[]> {
   return (await discoverDisks(client))._unsafeUnwrap().map((d) => ({ name: d.name, node: d.nodeName }));
-}
-
-async function waitJob(mon: QmpClient, id: string, status: string): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    const j = (await mon.execute("query-jobs"))._unsafeUnwrap().find((x) => x.id === id);
-    if (status === "gone" ? j === undefined : j?.status === status) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`job ${id} never reached ${status}`);
 }
 
 t.test("a named backing node is not a disk: incremental from a checkpoint works, after snapshot and commit too", async (t) => {

@@ -41,6 +41,7 @@ const DISK: DiskInfo = {
   readOnly: false,
   hasBacking: false,
   bitmaps: [],
+  below: [],
 };
 
 /** Everything the QMP layer (and the daemon's claim) does with a connection's replies, as Results. */

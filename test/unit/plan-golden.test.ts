@@ -31,6 +31,7 @@ function source(name: string, over: Partial<DiskInfo> = {}): DiskInfo {
     readOnly: false,
     hasBacking: false,
     bitmaps: [],
+    below: [],
     ...over,
   };
 }
