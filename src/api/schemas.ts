@@ -112,7 +112,7 @@ export const schemas: Readonly<Record<string, JsonSchema>> = {
       agent: { type: "string", nullable: true },
       qemuUser: { type: "string", nullable: true, description: "uid:gid QEMU runs as, when not the daemon's user" },
       origin: { type: "string", enum: ["config", "api"] },
-      state: { type: "string", enum: ["connecting", "connected", "unsupported"] },
+      state: { type: "string", enum: ["connecting", "connected", "unsupported", "offline"] },
       error: { type: "string", nullable: true },
       qemu: { type: "string", nullable: true },
       checkpoints: { type: "integer" },

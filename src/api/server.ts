@@ -15,9 +15,11 @@ import { parseDomainConfig } from "../conf/config.js";
 import { checkName, MAX_NAME_BYTES } from "../conf/names.js";
 import type { Domain, DomainEvent, DomainRegistry } from "../daemon/domains.js";
 import type { Metrics } from "../daemon/metrics.js";
+import type { OfflineRunner } from "../daemon/offline.js";
 import type { JobManager } from "../jobs/manager.js";
 import type { JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
+import type { QmpClient } from "../qmp/client.js";
 import { type ApiError, errorBody, httpStatus } from "./errors.js";
 import { DebugRequestLog } from "./request-log.js";
 import { operations, routePath, routeSchema } from "./schemas.js";
@@ -31,6 +33,8 @@ export interface ApiDeps {
   /** Subscribe to domain connection events (for the event stream). */
   readonly onDomainEvent: (fn: (e: DomainEvent) => void) => () => void;
   readonly version: string;
+  /** Backups of domains whose QEMU is not running (unset: refused as not connected). */
+  readonly offline?: OfflineRunner | undefined;
 }
 
 type Params = { name: string; checkpoint: string };
@@ -147,6 +151,9 @@ function allowedMethods(path: string): string[] {
 
 export function buildApi(deps: ApiDeps) {
   const { domains, jobs } = deps;
+  /** The offline runner when `d` is to be served through a storage daemon: not connected, its disks known. */
+  const offlineOf = (d: Domain): OfflineRunner | undefined =>
+    d.client() === undefined && d.state === "offline" ? deps.offline : undefined;
   const app = Fastify({
     loggerInstance: deps.logger,
     bodyLimit: deps.maxBodyBytes,
@@ -274,14 +281,18 @@ export function buildApi(deps: ApiDeps) {
     const durable = (body as Record<string, unknown>).durable;
     if (durable !== undefined && typeof durable !== "boolean")
       return sendError(reply, { code: "bad-request", message: "durable must be a boolean" });
+    const opts = {
+      reuseExternal: bool(body, "reuseExternal"),
+      quiesce: bool(body, "quiesce"),
+      ...(durable === false ? { durable: false } : {}),
+      ...(typeof bw === "number" ? { bandwidth: bw } : {}),
+    };
+    const off = offlineOf(d);
     return send(
       reply,
-      jobs.begin(d, str(body, "backupXml"), str(body, "checkpointXml"), {
-        reuseExternal: bool(body, "reuseExternal"),
-        quiesce: bool(body, "quiesce"),
-        ...(durable === false ? { durable: false } : {}),
-        ...(typeof bw === "number" ? { bandwidth: bw } : {}),
-      }),
+      off === undefined
+        ? jobs.begin(d, str(body, "backupXml"), str(body, "checkpointXml"), opts)
+        : off.begin(d, str(body, "backupXml"), str(body, "checkpointXml"), opts),
       201,
     );
   });
@@ -322,7 +333,9 @@ export function buildApi(deps: ApiDeps) {
     if (d === undefined) return reply;
     const body = req.body ?? {};
     const client = d.client();
-    if (client === undefined) return sendError(reply, { code: "not-connected", message: `domain '${d.name}' is not connected to QEMU` });
+    const off = offlineOf(d);
+    if (client === undefined && off === undefined)
+      return sendError(reply, { code: "not-connected", message: `domain '${d.name}' is not connected to QEMU` });
     await jobs.recovered(d.name);
     if (jobs.busy(d.name) && !bool(body, "redefine")) {
       return sendError(reply, {
@@ -331,12 +344,11 @@ export function buildApi(deps: ApiDeps) {
       });
     }
     const xml = str(body, "xml");
-    const r = bool(body, "redefine")
-      ? xml === undefined
-        ? undefined
-        : d.checkpoints.redefine(client, xml)
-      : d.checkpoints.create(client, xml, { quiesce: bool(body, "quiesce") });
-    if (r === undefined) return sendError(reply, { code: "bad-request", message: "redefine needs the checkpoint XML" });
+    if (bool(body, "redefine") && xml === undefined)
+      return sendError(reply, { code: "bad-request", message: "redefine needs the checkpoint XML" });
+    const run = (c: QmpClient) =>
+      bool(body, "redefine") ? d.checkpoints.redefine(c, xml ?? "") : d.checkpoints.create(c, xml, { quiesce: bool(body, "quiesce") });
+    const r = client !== undefined ? run(client) : off!.withSession(d, run);
     return send(
       reply,
       r.map((c) => checkpointJson(d, c)),
@@ -376,7 +388,12 @@ export function buildApi(deps: ApiDeps) {
     async (req, reply) => {
       const d = need(reply, req.params.name);
       if (d === undefined) return reply;
-      const r = await d.checkpoints.xml(d.client(), req.params.checkpoint, { size: flag(req.query, "size") });
+      const size = flag(req.query, "size");
+      const off = size && d.client() === undefined ? offlineOf(d) : undefined;
+      // sizes are QEMU's bitmap counts: offline, read from a storage daemon
+      const r = await (off === undefined
+        ? d.checkpoints.xml(d.client(), req.params.checkpoint, { size })
+        : off.withSession(d, (c) => d.checkpoints.xml(c, req.params.checkpoint, { size })));
       return r.isErr() ? sendError(reply, r.error) : reply.type("application/xml").send(r.value);
     },
   );
@@ -390,15 +407,14 @@ export function buildApi(deps: ApiDeps) {
       if (jobs.busy(d.name))
         return sendError(reply, { code: "busy", message: `a backup is running on '${d.name}'; end it before deleting checkpoints` });
       const q = req.query;
+      const opts = { children: flag(q, "children"), childrenOnly: flag(q, "childrenOnly"), metadataOnly: flag(q, "metadata") };
+      const off = !opts.metadataOnly && d.client() === undefined ? offlineOf(d) : undefined;
       return send(
         reply,
-        d.checkpoints
-          .delete(d.client(), req.params.checkpoint, {
-            children: flag(q, "children"),
-            childrenOnly: flag(q, "childrenOnly"),
-            metadataOnly: flag(q, "metadata"),
-          })
-          .map((deleted) => ({ deleted })),
+        (off === undefined
+          ? d.checkpoints.delete(d.client(), req.params.checkpoint, opts)
+          : off.withSession(d, (c) => d.checkpoints.delete(c, req.params.checkpoint, opts))
+        ).map((deleted) => ({ deleted })),
       );
     },
   );

@@ -16,6 +16,7 @@ import type { Logger } from "../log.js";
 import { listening } from "../util/listening.js";
 import { type DomainEvent, DomainRegistry } from "./domains.js";
 import { Metrics } from "./metrics.js";
+import { OfflineRunner } from "./offline.js";
 import { StateLock } from "./state-lock.js";
 
 function packageVersion(): string {
@@ -45,6 +46,7 @@ export class Daemon {
   readonly domains: DomainRegistry;
   readonly jobs: JobManager;
   readonly metrics: Metrics;
+  readonly offline: OfflineRunner;
   private api: ApiServer | undefined;
 
   private constructor(
@@ -70,6 +72,7 @@ export class Daemon {
       allowPlainTcp: config.allowPlainTcp,
     });
     this.jobs.subscribe((e) => this.metrics.onJobEvent(e));
+    this.offline = new OfflineRunner({ stateDir: config.stateDir, logger: log, jobs: this.jobs });
   }
 
   static async start(config: DaemonConfig, log: Logger): Promise<Daemon> {
@@ -90,6 +93,8 @@ export class Daemon {
         if (r.isErr()) log.error({ domain: dc.name, error: r.error.message }, "cannot add configured domain");
       }
       await daemon.domains.load();
+      // storage daemons of offline backups a killed daemon left: their jobs adopted, or they are ended
+      for (const dom of daemon.domains.list()) await daemon.offline.adoptLeftover(dom);
       if (config.allowPlainTcp) log.warn("plain-text NBD on non-loopback addresses is allowed by the configuration");
       const qemuUsers = config.domains.flatMap((dc) => (dc.qemuUser !== undefined ? [parseOwner(dc.qemuUser)] : []));
       for (const u of await allowedDirsUntrusted(config.allowDirs, qemuUsers))
@@ -127,6 +132,7 @@ export class Daemon {
         return () => this.domainListeners.delete(fn);
       },
       version: packageVersion(),
+      offline: this.offline,
     });
     // created with umask 0177 so the socket is never briefly world-accessible
     const old = process.umask(0o177);

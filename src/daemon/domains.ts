@@ -17,10 +17,12 @@ import { domainTag } from "../jobs/plan.js";
 import type { Logger } from "../log.js";
 import { type CapabilityCache, probeCapabilities, type QemuCapabilities } from "../qmp/capabilities.js";
 import type { QmpClient } from "../qmp/client.js";
+import { discoverDisks } from "../qmp/disks.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import { parseAddress } from "../qmp/protocol.js";
 import { QmpSupervisor } from "../qmp/reconnect.js";
 import { crashPoint } from "../util/crash-point.js";
+import { DiskMemory, type RememberedDisk } from "./disk-memory.js";
 import { DomainsFile, type DomainsFileEntry } from "./domains-file.js";
 import type { DomainError } from "./errors.js";
 import { claimQemu, releaseQemu } from "./ownership.js";
@@ -28,7 +30,8 @@ import { claimQemu, releaseQemu } from "./ownership.js";
 /** Shared by all domains: one schema parse per QEMU build. */
 const capabilityCache: CapabilityCache = new Map();
 
-export type DomainState = "connecting" | "connected" | "unsupported";
+/** offline: not connected (the last attempt failed), its disks known: backups run through a storage daemon (offline.ts). */
+export type DomainState = "connecting" | "connected" | "unsupported" | "offline";
 
 export interface DomainEvent {
   readonly domain: string;
@@ -56,6 +59,8 @@ export class Domain implements BackupDomain {
     private readonly onEvent: (e: DomainEvent) => void,
     /** Runs on every connect before the domain is usable (job adoption, leftover cleanup). */
     private readonly onConnect: (d: Domain) => Promise<void>,
+    /** What the disks were when QEMU was last seen running. */
+    readonly memory: DiskMemory,
     /** The other domain registered here whose ownership-marker tag this is (see ownership.ts). */
     private readonly registeredAs: (tag: string) => string | undefined = () => undefined,
   ) {
@@ -78,7 +83,12 @@ export class Domain implements BackupDomain {
   }
 
   get state(): DomainState {
+    if (this.stateValue === "connecting" && this.lastError !== undefined && this.memory.disks !== undefined) return "offline";
     return this.stateValue;
+  }
+
+  rememberedDisks(): readonly RememberedDisk[] | undefined {
+    return this.memory.disks;
   }
 
   get caps(): QemuCapabilities | undefined {
@@ -206,9 +216,21 @@ export class Domain implements BackupDomain {
     this.log.info({ domain: this.name, qemu: caps.value.package }, "domain connected");
     await this.onConnect(this);
     await this.checkpoints.reconcile(c);
+    await this.rememberDisks(c);
     this.ready = this.conn === c;
     this.onEvent({ domain: this.name, type: "connected" });
     this.settle();
+  }
+
+  /** Keep the disks as this QEMU has them, for backups while it is not running (a failure only costs that). */
+  private async rememberDisks(c: QmpClient): Promise<void> {
+    const disks = await discoverDisks(c);
+    if (disks.isErr()) {
+      this.log.warn({ domain: this.name, error: qmpErrorMessage(disks.error) }, "cannot list the disks to remember them");
+      return;
+    }
+    const kept = await this.memory.remember(disks.value);
+    if (kept.isErr()) this.log.warn({ domain: this.name, error: kept.error.message }, "cannot keep the disk memory");
   }
 
   /** Like an unsupported QEMU: the domain stays unusable until its QEMU reconnects; no redial loop on a bug that repeats. */
@@ -370,18 +392,21 @@ export class DomainRegistry {
 
   /** The domain with its checkpoint store open, neither registered nor started. */
   private prepare(config: DomainConfig, origin: "config" | "api"): ResultAsync<Domain, DomainError> {
-    return CheckpointStore.open(this.stateDir, config.name, this.log).map((store) => {
-      const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
-      return new Domain(
-        config,
-        origin,
-        checkpoints,
-        this.log,
-        this.onEvent,
-        this.onConnect,
-        (tag) => [...this.domains.values()].find((o) => o.name !== config.name && domainTag(o.name) === tag)?.name,
-      );
-    });
+    return CheckpointStore.open(this.stateDir, config.name, this.log).andThen((store) =>
+      ResultAsync.fromSafePromise(DiskMemory.open(this.stateDir, config.name, this.log)).map((memory) => {
+        const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
+        return new Domain(
+          config,
+          origin,
+          checkpoints,
+          this.log,
+          this.onEvent,
+          this.onConnect,
+          memory,
+          (tag) => [...this.domains.values()].find((o) => o.name !== config.name && domainTag(o.name) === tag)?.name,
+        );
+      }),
+    );
   }
 
   private enlist(d: Domain): Domain {

@@ -132,7 +132,11 @@ export function cli(socket: string, args: string[], bin = join(ROOT, "bin", "qba
   });
 }
 
-/** qbackup on `socket`: `q` runs it, `ok` also asserts exit 0 (the message carries its stderr). */
+/**
+ * qbackup on `socket`: `q` runs it, `ok` also asserts exit 0 (the message
+ * carries its stderr); `lastFile` is the first disk's target of the
+ * domain's last finished backup.
+ */
 export function cliOn(t: Pick<Test, "equal">, socket: string) {
   const q = (...args: string[]) => cli(socket, args);
   const ok = async (...args: string[]) => {
@@ -140,7 +144,18 @@ export function cliOn(t: Pick<Test, "equal">, socket: string) {
     t.equal(r.code, 0, `qbackup ${args.join(" ")}: ${r.stderr.trim()}`);
     return r;
   };
-  return { q, ok };
+  const lastFile = async (domain = "vm1") =>
+    (JSON.parse((await ok("--json", "domjobinfo", domain, "--completed")).stdout) as { disks: { file: string }[] }).disks[0]?.file ?? "";
+  return { q, ok, lastFile };
+}
+
+/** Writes a file (an XML request) into `dir`; its path. */
+export function fileWriter(dir: string): (name: string, text: string) => string {
+  return (name, text) => {
+    const p = join(dir, name);
+    writeFileSync(p, text);
+    return p;
+  };
 }
 
 /** Poll `fn` every 50 ms until it holds; throw after `ms`. */

@@ -23,11 +23,10 @@
  *   exact (a stream changes nothing the guest sees); those on the streamed
  *   base are gone with it: refused.
  */
-import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t, { type Test } from "tap";
 import { allocatedRanges, handBackups, rebaseOnto } from "../helpers/backup.js";
-import { addDomain, cliOn, startDaemon } from "../helpers/daemon.js";
+import { addDomain, cliOn, fileWriter, startDaemon } from "../helpers/daemon.js";
 import { leftovers, waitJob } from "../helpers/domain.js";
 import { createImage, imagesIdentical, type QemuProcess, startVm } from "../helpers/qemu.js";
 
@@ -44,14 +43,8 @@ async function setup(t: Test) {
   const vm = await startVm(t, { disks: [{ size: "16M" }] });
   const d = await startDaemon(t);
   await addDomain(d, "vm1", vm.qmpPath);
-  const { q, ok } = cliOn(t, d.socket);
-  const file = (name: string, xml: string) => {
-    const p = join(vm.dir, name);
-    writeFileSync(p, xml);
-    return p;
-  };
-  const lastFile = async () =>
-    (JSON.parse((await ok("--json", "domjobinfo", "vm1", "--completed")).stdout) as { disks: { file: string }[] }).disks[0]!.file;
+  const { q, ok, lastFile } = cliOn(t, d.socket);
+  const file = fileWriter(vm.dir);
   /** A push since `since` (undefined: full) creating checkpoint `cp` (undefined: none); the target's path. */
   const push = async (since: string | undefined, cp: string | undefined) => {
     const bx = since === undefined ? "" : file(`inc-${since}.xml`, `<domainbackup><incremental>${since}</incremental></domainbackup>`);
