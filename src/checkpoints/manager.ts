@@ -41,6 +41,7 @@ import {
   evidenceObserve,
   evidenceSave,
   evidenceTaintLacking,
+  liveMarker,
 } from "./evidence.js";
 import type { CheckpointStore } from "./store.js";
 import { type CheckpointMap, descendants, topological } from "./tree.js";
@@ -362,6 +363,12 @@ export class CheckpointManager {
       }
       // a raw disk has nowhere to store a bitmap: QEMU keeps it in memory (volatile, marked so in the checkpoint)
       actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: d.volatile !== true } });
+      // and its live marker (evidence.ts): empty, recording nothing, the largest granularity (a few bytes of memory)
+      if (d.volatile === true)
+        actions.push({
+          type: "block-dirty-bitmap-add",
+          data: { node: disk.nodeName, name: liveMarker(full, d.name), persistent: false, disabled: true, granularity: 2 ** 31 },
+        });
     }
     // bitmaps first seen up to this generation exist before this checkpoint's are added
     return this.evidence().map((book) => {
@@ -544,9 +551,12 @@ export class CheckpointManager {
               for (const t of targets) {
                 for (const d of t.disks) {
                   const disk = disks.find((x) => x.name === d.name);
-                  // a bitmap already gone (invalid checkpoint) is simply not removed again
-                  if (d.bitmap === undefined || disk === undefined || !disk.bitmaps.some((b) => b.name === d.bitmap)) continue;
-                  actions.push({ type: "block-dirty-bitmap-remove", data: { node: disk.nodeName, name: d.bitmap } });
+                  if (d.bitmap === undefined || disk === undefined) continue;
+                  // a bitmap already gone (invalid checkpoint) is simply not removed again; a volatile one's live marker goes with it
+                  const names = [d.bitmap, ...(d.volatile === true ? [liveMarker(t, d.name)] : [])];
+                  for (const n of names)
+                    if (disk.bitmaps.some((b) => b.name === n))
+                      actions.push({ type: "block-dirty-bitmap-remove", data: { node: disk.nodeName, name: n } });
                 }
               }
               if (actions.length === 0) return okAsync(undefined);
