@@ -20,6 +20,10 @@
  *   was re-attached (fixed node names make it look the same), and it records
  *   only from then on;
  * - its granularity changed (recreated);
+ * - the disk shrank (block_resize): QEMU drops the bits beyond the new end,
+ *   and a later grow adds clean bits over what now reads as zeros, so an
+ *   incremental would bring back the full backup's old data there; the count
+ *   falls only if a bit beyond the new end was set;
  * - its dirty count fell (cleared, or removed and re-added): in this
  *   daemon's scheme a checkpoint's bitmap records from its creation on and
  *   nothing of ours ever clears or merges into it, so its count never falls;
@@ -97,6 +101,8 @@ export interface BitmapSighting {
   readonly count: number;
   /** The node the disk's bitmaps were on (its format node); absent in files from before it was recorded. */
   readonly node?: string;
+  /** The disk's virtual size in bytes; absent in files from before it was recorded. */
+  readonly size?: number;
   /** Unix seconds of the first check that saw these values (unchanged checks do not rewrite the file). */
   readonly at: number;
 }
@@ -146,9 +152,12 @@ function sightingTaint(
   now: number,
   volatile: boolean,
   marked: boolean,
+  size: number,
 ): string | undefined {
   const behind = "behind qbackupd's back";
   if (volatile && !marked) return `it was not the checkpoint's at ${iso(now)}: ${LIVE_MARKER_GONE}`;
+  if (prev?.size !== undefined && size < prev.size)
+    return `the disk shrank from ${prev.size} to ${size} bytes between ${iso(prev.at)} and ${iso(now)}: the bitmap lost its bits beyond the new end, and what reads there after a grow (zeros) is in no bitmap, so an incremental would bring back the old data`;
   if (b.inconsistent) return `it was marked inconsistent at ${iso(now)} (QEMU did not shut down cleanly)`;
   if (!b.persistent && !volatile)
     return `it was not persistent at ${iso(now)}: qbackupd creates them persistent, so it was removed and re-added ${behind}`;
@@ -234,7 +243,8 @@ export function evidenceObserve(
       }
       const prev = base.seen;
       const marked = d.volatile !== true || disk.bitmaps.has(liveMarker(def, d.name));
-      const reason = base.taint === undefined ? sightingTaint(b, prev, now, d.volatile === true, marked) : undefined;
+      const size = disk.disk.virtualSize;
+      const reason = base.taint === undefined ? sightingTaint(b, prev, now, d.volatile === true, marked, size) : undefined;
       const node = disk.disk.nodeName;
       const same =
         prev !== undefined &&
@@ -242,7 +252,8 @@ export function evidenceObserve(
         prev.persistent === b.persistent &&
         prev.recording === b.recording &&
         prev.count === b.count &&
-        prev.node === node;
+        prev.node === node &&
+        prev.size === size;
       if (same && de !== undefined && base.firstSeenGen !== undefined && reason === undefined) continue;
       let firstSeenGen = base.firstSeenGen;
       if (firstSeenGen === undefined) {
@@ -251,7 +262,9 @@ export function evidenceObserve(
       }
       set(d.name, {
         ...base,
-        seen: same ? prev : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, node, at: now },
+        seen: same
+          ? prev
+          : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, node, size, at: now },
         firstSeenGen,
         ...(reason !== undefined ? { taint: taint(reason) } : {}),
       });
