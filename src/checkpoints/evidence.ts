@@ -83,7 +83,7 @@ export const LIVE_PREFIX = "qbk-live-";
 
 /** Why a volatile bitmap whose live marker is gone is not the checkpoint's. */
 export const LIVE_MARKER_GONE =
-  "its live marker (a bitmap qbackupd added beside it) is not there: this volatile bitmap was added again under the checkpoint's name, in another QEMU process or after the disk was re-attached, and it records only from then on; a new full backup with a new checkpoint starts again";
+  "its live marker (a bitmap qbackupd adds beside it) is not there, so it is not the bitmap the checkpoint created: one added again under the checkpoint's name (in another QEMU process, or after the disk was re-attached) records only from then on (or the checkpoint is older than live markers); a new full backup with a new checkpoint starts again";
 
 /** Why a checkpoint's bitmap on one disk can never be trusted again. */
 export interface BitmapTaint {
