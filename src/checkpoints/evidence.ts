@@ -15,7 +15,15 @@
  *   no QMP command changes that: it was recreated), or persistent where the
  *   checkpoint made it volatile (a raw disk's);
  * - a volatile bitmap is missing, on whatever node (it cannot come back);
+ * - a volatile bitmap is there without its live marker (`liveMarker`): a
+ *   bitmap of that name was added in another QEMU process or after the disk
+ *   was re-attached (fixed node names make it look the same), and it records
+ *   only from then on;
  * - its granularity changed (recreated);
+ * - the disk shrank (block_resize): QEMU drops the bits beyond the new end,
+ *   and a later grow adds clean bits over what now reads as zeros, so an
+ *   incremental would bring back the full backup's old data there; the count
+ *   falls only if a bit beyond the new end was set;
  * - its dirty count fell (cleared, or removed and re-added): in this
  *   daemon's scheme a checkpoint's bitmap records from its creation on and
  *   nothing of ours ever clears or merges into it, so its count never falls;
@@ -41,6 +49,7 @@
  * what it records changes. This module never talks to QEMU, and nothing here
  * ever clears a taint: only deleting the checkpoint drops its evidence.
  */
+import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { ResultAsync } from "neverthrow";
@@ -55,6 +64,26 @@ export const EVIDENCE_FILE = ".bitmaps.json";
 /** Why a volatile bitmap that is not there can never come back. */
 export const VOLATILE_GONE =
   "it was volatile (the disk is raw: QEMU keeps its bitmap in memory only), so it did not outlive the QEMU process or the disk's attachment (QEMU restarted, or the disk was re-attached); a new full backup with a new checkpoint starts again";
+
+/**
+ * The live marker of a checkpoint's volatile bitmap on one disk: an empty,
+ * disabled, volatile bitmap added in the same transaction. A volatile bitmap
+ * of the checkpoint's name shows nothing else that tells it from one added
+ * later (in a new QEMU process, or on a re-attached node of the same name)
+ * before qbackupd looked: it is the checkpoint's only while the marker is
+ * beside it. Named from the checkpoint's name, creation time and disk, so
+ * that nothing has to be stored (a redefine brings it back) and nobody adds
+ * one by chance.
+ */
+export function liveMarker(def: Pick<CheckpointDefFull, "name" | "creationTime">, disk: string): string {
+  const h = createHash("sha256").update(`${def.name}\0${def.creationTime}\0${disk}`).digest("hex");
+  return `${LIVE_PREFIX}${h.slice(0, 40)}`;
+}
+export const LIVE_PREFIX = "qbk-live-";
+
+/** Why a volatile bitmap whose live marker is gone is not the checkpoint's. */
+export const LIVE_MARKER_GONE =
+  "its live marker (a bitmap qbackupd adds beside it) is not there, so it is not the bitmap the checkpoint created: one added again under the checkpoint's name (in another QEMU process, or after the disk was re-attached) records only from then on (or the checkpoint is older than live markers); a new full backup with a new checkpoint starts again";
 
 /** Why a checkpoint's bitmap on one disk can never be trusted again. */
 export interface BitmapTaint {
@@ -72,6 +101,8 @@ export interface BitmapSighting {
   readonly count: number;
   /** The node the disk's bitmaps were on (its format node); absent in files from before it was recorded. */
   readonly node?: string;
+  /** The disk's virtual size in bytes; absent in files from before it was recorded. */
+  readonly size?: number;
   /** Unix seconds of the first check that saw these values (unchanged checks do not rewrite the file). */
   readonly at: number;
 }
@@ -115,8 +146,18 @@ function iso(unix: number): string {
   return new Date(unix * 1000).toISOString().replace(/\.000Z$/, "Z");
 }
 
-function sightingTaint(b: DirtyBitmap, prev: BitmapSighting | undefined, now: number, volatile: boolean): string | undefined {
+function sightingTaint(
+  b: DirtyBitmap,
+  prev: BitmapSighting | undefined,
+  now: number,
+  volatile: boolean,
+  marked: boolean,
+  size: number,
+): string | undefined {
   const behind = "behind qbackupd's back";
+  if (volatile && !marked) return `it was not the checkpoint's at ${iso(now)}: ${LIVE_MARKER_GONE}`;
+  if (prev?.size !== undefined && size < prev.size)
+    return `the disk shrank from ${prev.size} to ${size} bytes between ${iso(prev.at)} and ${iso(now)}: the bitmap lost its bits beyond the new end, and what reads there after a grow (zeros) is in no bitmap, so an incremental would bring back the old data`;
   if (b.inconsistent) return `it was marked inconsistent at ${iso(now)} (QEMU did not shut down cleanly)`;
   if (!b.persistent && !volatile)
     return `it was not persistent at ${iso(now)}: qbackupd creates them persistent, so it was removed and re-added ${behind}`;
@@ -201,7 +242,9 @@ export function evidenceObserve(
         continue;
       }
       const prev = base.seen;
-      const reason = base.taint === undefined ? sightingTaint(b, prev, now, d.volatile === true) : undefined;
+      const marked = d.volatile !== true || disk.bitmaps.has(liveMarker(def, d.name));
+      const size = disk.disk.virtualSize;
+      const reason = base.taint === undefined ? sightingTaint(b, prev, now, d.volatile === true, marked, size) : undefined;
       const node = disk.disk.nodeName;
       const same =
         prev !== undefined &&
@@ -209,7 +252,8 @@ export function evidenceObserve(
         prev.persistent === b.persistent &&
         prev.recording === b.recording &&
         prev.count === b.count &&
-        prev.node === node;
+        prev.node === node &&
+        prev.size === size;
       if (same && de !== undefined && base.firstSeenGen !== undefined && reason === undefined) continue;
       let firstSeenGen = base.firstSeenGen;
       if (firstSeenGen === undefined) {
@@ -218,7 +262,9 @@ export function evidenceObserve(
       }
       set(d.name, {
         ...base,
-        seen: same ? prev : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, node, at: now },
+        seen: same
+          ? prev
+          : { granularity: b.granularity, persistent: b.persistent, recording: b.recording, count: b.count, node, size, at: now },
         firstSeenGen,
         ...(reason !== undefined ? { taint: taint(reason) } : {}),
       });

@@ -41,6 +41,7 @@ import {
   evidenceObserve,
   evidenceSave,
   evidenceTaintLacking,
+  liveMarker,
 } from "./evidence.js";
 import type { CheckpointStore } from "./store.js";
 import { type CheckpointMap, descendants, topological } from "./tree.js";
@@ -362,6 +363,12 @@ export class CheckpointManager {
       }
       // a raw disk has nowhere to store a bitmap: QEMU keeps it in memory (volatile, marked so in the checkpoint)
       actions.push({ type: "block-dirty-bitmap-add", data: { node: disk.nodeName, name: d.bitmap, persistent: d.volatile !== true } });
+      // and its live marker (evidence.ts): empty, recording nothing, the largest granularity (a few bytes of memory)
+      if (d.volatile === true)
+        actions.push({
+          type: "block-dirty-bitmap-add",
+          data: { node: disk.nodeName, name: liveMarker(full, d.name), persistent: false, disabled: true, granularity: 2 ** 31 },
+        });
     }
     // bitmaps first seen up to this generation exist before this checkpoint's are added
     return this.evidence().map((book) => {
@@ -547,18 +554,22 @@ export class CheckpointManager {
                   if (d.bitmap === undefined || disk === undefined) continue;
                   // on the disk's node, or on a layer below since an external snapshot (still ours: removed with it,
                   // unless QEMU holds that layer read-only, as it does backing layers: then QEMU refuses any change
-                  // to it, and the bitmap stays, recording nothing); a bitmap already gone is not removed again
-                  const has = (bitmaps: readonly { name: string }[]) => bitmaps.some((b) => b.name === d.bitmap);
-                  const below = has(disk.bitmaps) ? undefined : disk.below.find((l) => has(l.bitmaps));
-                  if (below?.readOnly === true) {
-                    this.log.warn(
-                      { checkpoint: t.name, disk: d.name, node: below.nodeName, bitmap: d.bitmap },
-                      "the checkpoint's bitmap stays on a read-only backing layer (qemu-img bitmap --remove takes it off once the image is not in use)",
-                    );
-                    continue;
+                  // to it, and the bitmap stays, recording nothing); a bitmap already gone is not removed again;
+                  // a volatile one's live marker goes with it
+                  const names = [d.bitmap, ...(d.volatile === true ? [liveMarker(t, d.name)] : [])];
+                  for (const n of names) {
+                    const has = (bitmaps: readonly { name: string }[]) => bitmaps.some((b) => b.name === n);
+                    const below = has(disk.bitmaps) ? undefined : disk.below.find((l) => has(l.bitmaps));
+                    if (below?.readOnly === true) {
+                      this.log.warn(
+                        { checkpoint: t.name, disk: d.name, node: below.nodeName, bitmap: n },
+                        "the checkpoint's bitmap stays on a read-only backing layer (qemu-img bitmap --remove takes it off once the image is not in use)",
+                      );
+                      continue;
+                    }
+                    const node = below?.nodeName ?? (has(disk.bitmaps) ? disk.nodeName : undefined);
+                    if (node !== undefined) actions.push({ type: "block-dirty-bitmap-remove", data: { node, name: n } });
                   }
-                  const node = below?.nodeName ?? (has(disk.bitmaps) ? disk.nodeName : undefined);
-                  if (node !== undefined) actions.push({ type: "block-dirty-bitmap-remove", data: { node, name: d.bitmap } });
                 }
               }
               if (actions.length === 0) return okAsync(undefined);

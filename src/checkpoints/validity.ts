@@ -13,7 +13,7 @@
  */
 import type { CheckpointDefFull } from "../conf/checkpoint.js";
 import type { DiskInfo } from "../qmp/disks.js";
-import { type EvidenceBook, emptyBook, evidenceTaints, VOLATILE_GONE } from "./evidence.js";
+import { type EvidenceBook, emptyBook, evidenceTaints, LIVE_MARKER_GONE, liveMarker, VOLATILE_GONE } from "./evidence.js";
 import type { CheckpointMap } from "./tree.js";
 import { VERIFY_PREFIX } from "./verify.js";
 
@@ -62,6 +62,8 @@ export function checkpointProblems(
     else if (b.inconsistent) problems.push(`${where} is inconsistent (QEMU did not shut down cleanly)`);
     else if (!b.persistent && d.volatile !== true) problems.push(`${where} is not persistent`);
     else if (b.persistent && d.volatile === true) problems.push(`${where} is persistent, but qbackupd made it volatile: it was recreated`);
+    else if (d.volatile === true && !disk.bitmaps.some((x) => x.name === liveMarker(def, d.name)))
+      problems.push(`${where} is not the checkpoint's: ${LIVE_MARKER_GONE}`);
     else if (!b.recording) problems.push(`${where} is not recording guest writes`);
     else if (b.busy && !inUse.has(`${d.name}/${d.bitmap}`)) problems.push(`${where} is busy (in use by another job)`);
     // what is wrong now says enough; otherwise what was seen wrong before, which no later state undoes
@@ -88,7 +90,10 @@ export function assessCheckpoints(
   const claimed = new Set<string>();
   for (const def of all.values()) {
     problems.set(def.name, checkpointProblems(def, disks, inUse, evidence));
-    for (const d of def.disks) if (d.bitmap !== undefined) claimed.add(`${d.name}/${d.bitmap}`);
+    for (const d of def.disks) {
+      if (d.bitmap !== undefined) claimed.add(`${d.name}/${d.bitmap}`);
+      if (d.bitmap !== undefined && d.volatile === true) claimed.add(`${d.name}/${liveMarker(def, d.name)}`);
+    }
   }
   const unclaimed: UnclaimedBitmap[] = [];
   for (const disk of disks) {

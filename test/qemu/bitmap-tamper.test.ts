@@ -115,6 +115,25 @@ t.test("c1 re-added with another granularity and written above its old count: re
   });
 });
 
+t.test("the disk shrunk (block_resize) after a check, then grown back: refused for good", async (t) => {
+  // the cut part's bits are dropped, and the part grown back reads zeros without a bit in any bitmap: an
+  // incremental would restore the full backup's old data there. With no dirty bit beyond the new end, the
+  // count does not fall: only the size seen shrinking tells.
+  const { vm, client, mgr } = await setup(t);
+  const node = vm.disks[0]!.node;
+  await vm.write(0, 0x21, 40 * MiB, MiB); // before c1: in the full backup, in no bitmap
+  (await mgr.create(client, cp("c1")))._unsafeUnwrap();
+  await vm.write(0, 0x22, MiB, 64 * KiB);
+  t.ok((await mgr.requireValid(client, "c1")).isOk(), "valid after a write");
+  await tamper(vm, "block_resize", { "node-name": node, size: 32 * MiB });
+  t.match((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [
+    /cannot be trusted: the disk shrank from 67108864 to 33554432 bytes/,
+  ]);
+  await tamper(vm, "block_resize", { "node-name": node, size: 64 * MiB });
+  t.equal(await count(vm, "c1"), 64 * KiB, "QEMU's c1 looks as before");
+  t.match((await mgr.requireValid(client, "c1"))._unsafeUnwrapErr(), { code: "checkpoint-invalid", message: /the disk shrank/ });
+});
+
 t.test("block-dirty-bitmap-clear c2 after a check: refused; c1 stays valid", async (t) => {
   const { vm, client, mgr } = await setup(t);
   const node = vm.disks[0]!.node;

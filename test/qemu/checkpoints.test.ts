@@ -154,13 +154,25 @@ t.test("a raw disk holds a volatile checkpoint bitmap; other formats none", asyn
   const nodes = (await client.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
   const vdb = nodes.find((n) => n["node-name"] === vm.disks[1]!.node)?.["dirty-bitmaps"] ?? [];
   t.same(
-    vdb.map((b) => [b.name, b.persistent]).sort(),
+    vdb
+      .filter((b) => !b.name?.startsWith("qbk-live-"))
+      .map((b) => [b.name, b.persistent])
+      .sort(),
     [
       [def.name, false],
       ["r", false],
     ],
     "non-persistent in QEMU",
   );
+  t.same(
+    vdb.filter((b) => b.name?.startsWith("qbk-live-")).map((b) => [b.persistent, b.recording, b.count]),
+    [
+      [false, false, 0],
+      [false, false, 0],
+    ],
+    "each with its live marker: volatile, empty, not recording",
+  );
+  t.same((await mgr.reconcile(client))._unsafeUnwrap().unclaimed, [], "the markers are claimed by their checkpoints");
   t.same((await mgr.reconcile(client))._unsafeUnwrap().problems.get("r"), [], "valid while that QEMU lives");
 });
 

@@ -20,15 +20,25 @@ const FINISHING = ["concluded:dismiss", "ready:sync", "ready:record"] as const;
 // checkpoint store (issue 11: B6, the checkpoint committed but not recorded; B5,
 // the NBD server started but not recorded)
 const STEP_DONE = ["begin:transaction:done", "begin:checkpoint:done"] as const;
-const CASES: { point: string; mode: "push" | "pull" }[] = [
+const CASES: { point: string; mode: "push" | "pull"; raw?: true }[] = [
   ...[...STARTING, ...STEP_DONE].map((point) => ({ point, mode: "push" as const })),
   ...[...STARTING, "begin:exports", "begin:checkpoint:done", "begin:exports:done"].map((point) => ({ point, mode: "pull" as const })),
   ...FINISHING.map((point) => ({ point, mode: "push" as const })),
+  // vdb raw: the checkpoint's bitmap there is volatile and has a live marker beside it, undone or kept with it
+  ...["begin:transaction:done", "begin:checkpoint", "begin:checkpoint:done", "ready:record"].map((point) => ({
+    point,
+    mode: "push" as const,
+    raw: true as const,
+  })),
+  ...["begin:checkpoint:done"].map((point) => ({ point, mode: "pull" as const, raw: true as const })),
 ];
 
-for (const { point, mode } of CASES) {
-  t.test(`${mode}: daemon killed at ${point}`, async (t) => {
-    const vm = await startVm(t, { disks: [{ size: "16M" }, { size: "16M" }] });
+for (const { point, mode, raw } of CASES) {
+  t.test(`${mode}${raw ? " (vdb raw)" : ""}: daemon killed at ${point}`, async (t) => {
+    const vm = await startVm(t, { disks: [{ size: "16M" }, { size: "16M", ...(raw ? { format: "raw" as const } : {}) }] });
+    // a raw disk's checkpoint bitmaps each have a live marker (qbk-live-…) beside them
+    const bitmaps = async () => (await bitmapNames(vm.monitor)).map((n) => (n?.startsWith("qbk-live-") ? "marker" : n));
+    const markers = (n: number) => (raw ? Array<string>(n).fill("marker") : []);
     await vm.write(0, 0x5a, 0, 4 * MiB);
     await vm.write(1, 0x5b, 8 * MiB, 2 * MiB);
     const dir = tempDir(t, "qbackupd-daemon-");
@@ -60,13 +70,13 @@ for (const { point, mode } of CASES) {
       t.ok(await rangeHolds(done.disks[0]!.file, "qcow2", 0x5a, 0, 4 * MiB), "vda's target holds its data");
       t.ok(await rangeHolds(done.disks[1]!.file, "qcow2", 0x5b, 8 * MiB, 2 * MiB), "vdb's target holds its data");
       t.equal((await cli(d2.socket, ["checkpoint-list", "vm", "--name"])).stdout, "base\nc1\n", "the new checkpoint stays");
-      t.same(await bitmapNames(vm.monitor), ["base", "base", "c1", "c1"]);
+      t.same(await bitmaps(), ["base", "base", "c1", "c1", ...markers(2)]);
     } else {
       await until("the interrupted backup failed", async () => !existsSync(recFile), 15_000);
       const r = await cli(d2.socket, ["--json", "domjobinfo", "vm", "--completed"]);
       t.match(JSON.parse(r.stdout), { state: "failed", error: /stopped while the backup was starting/ });
       t.equal((await cli(d2.socket, ["checkpoint-list", "vm", "--name"])).stdout, "base\n", "no checkpoint claims it");
-      t.same(await bitmapNames(vm.monitor), ["base", "base"], "c1's bitmaps are gone from QEMU");
+      t.same(await bitmaps(), ["base", "base", ...markers(1)], "c1's bitmaps are gone from QEMU (and its marker)");
       const backups = join(dir, "state", "backups", "vm");
       t.same(existsSync(backups) ? readdirSync(backups) : [], [], "no target or scratch file left");
       t.notOk(existsSync(sock), "no NBD server");

@@ -29,12 +29,18 @@ interface CheckpointJson {
   disks: { name: string; volatile?: boolean }[];
 }
 
-/** Bitmaps on each disk's node as QEMU has them: "node/name persistent|volatile". */
+/** Bitmaps on each disk's node as QEMU has them: "node/name persistent|volatile"; a volatile bitmap's live marker as "node/live-marker". */
 async function bitmapsOf(vm: QemuProcess): Promise<string[]> {
   const nodes = (await vm.monitor.execute("query-named-block-nodes", { flat: true }))._unsafeUnwrap();
   return nodes
     .filter((n) => vm.disks.some((d) => d.node === n["node-name"]))
-    .flatMap((n) => (n["dirty-bitmaps"] ?? []).map((b) => `${n["node-name"]}/${b.name} ${b.persistent ? "persistent" : "volatile"}`))
+    .flatMap((n) =>
+      (n["dirty-bitmaps"] ?? []).map((b) =>
+        b.name?.startsWith("qbk-live-") && !b.recording && b.count === 0
+          ? `${n["node-name"]}/live-marker`
+          : `${n["node-name"]}/${b.name} ${b.persistent ? "persistent" : "volatile"}`,
+      ),
+    )
     .sort();
 }
 
@@ -61,7 +67,11 @@ t.test("a raw disk: a volatile bitmap, incrementals exact while QEMU lives, refu
   const dump = (await ok("checkpoint-dumpxml", "vm1", "c1")).stdout;
   t.match(dump, /<disk name='vda' checkpoint='bitmap' bitmap='c1'\/>/, "the qcow2 disk: persistent (libvirt's XML)");
   t.match(dump, /<disk name='vdb' checkpoint='bitmap' bitmap='c1' volatile='yes'\/>/, "the raw disk: volatile, said in the XML");
-  t.same(await bitmapsOf(vm), ["drive-vda/c1 persistent", "drive-vdb/c1 volatile"], "in QEMU");
+  t.same(
+    await bitmapsOf(vm),
+    ["drive-vda/c1 persistent", "drive-vdb/c1 volatile", "drive-vdb/live-marker"],
+    "in QEMU, with c1's live marker on vdb",
+  );
   const table = (await ok("checkpoint-list", "vm1")).stdout;
   t.match(table, /^ Name\s+Creation Time\s+Valid\s+Volatile\n/, "checkpoint-list has a Volatile column");
   t.match(table, /\n c1 \*\s+\S+ \S+ \S+\s+yes\s+vdb\n/);
@@ -138,6 +148,9 @@ t.test("a raw disk: a volatile bitmap, incrementals exact while QEMU lives, refu
   await rebaseOnto(inc3[1]!, full3[1]!);
   t.ok((await imagesIdentical(inc3[1]!, at4[1]!)).identical, "full + incremental = vdb now");
   t.same(await leftovers(vm2.monitor), []);
+  // deleting c3 removes its bitmaps and vdb's live marker with them
+  await ok("checkpoint-delete", "vm1", "c3");
+  t.same(await bitmapsOf(vm2), ["drive-vda/c1 persistent", "drive-vda/c2 persistent"], "c3 gone from QEMU, marker and all");
 });
 
 t.test("a qcow2 image with an external raw data-file holds persistent bitmaps like any qcow2", async (t) => {
@@ -161,4 +174,72 @@ t.test("a qcow2 image with an external raw data-file holds persistent bitmaps li
   t.equal((await cli(d.socket, ["wait", "vm1", "--timeout", "60"])).code, 0);
   const job = JSON.parse((await cli(d.socket, ["--json", "domjobinfo", "vm1", "--completed"])).stdout) as JobJson;
   t.same(await allocatedRanges(job.disks[0]!.file), [[MiB, 64 * KiB]], "the incremental holds the written cluster");
+});
+
+/**
+ * A bitmap of the checkpoint's name put back on the raw disk's node (the same
+ * node-name: libvirt-style fixed names) before qbackupd looks again: it
+ * records only from its creation on, so the writes before it are missing from
+ * it. Its state (volatile, recording, count ≥ the last seen) cannot tell it
+ * from ours; an incremental from it would silently lose those writes.
+ */
+t.test("a volatile bitmap re-added under the checkpoint's name is not the checkpoint's: the incremental is refused", async (t) => {
+  const formats = [{ size: "16M" }, { size: "16M", format: "raw" as const }];
+  const readd = (vm: QemuProcess) =>
+    vm.monitor.execute("block-dirty-bitmap-add", { node: "drive-vdb", name: "c1", persistent: false }).then((r) => r._unsafeUnwrap());
+  const vdbOnly =
+    "<domainbackup><incremental>c1</incremental><disks><disk name='vda' backup='no'/><disk name='vdb'/></disks></domainbackup>";
+
+  t.test("QEMU restarted while qbackupd was down (kill -9)", async (t) => {
+    const vm = await startVm(t, { disks: formats });
+    const d = await startDaemon(t);
+    await addDomain(d, "vm1", vm.qmpPath);
+    const { ok } = cliOn(t, d.socket);
+    await ok("checkpoint-create-as", "vm1", "c1");
+    await ok("checkpoint-list", "vm1"); // seen: volatile, nothing dirty yet
+    await vm.write(1, 0x41, MiB, 64 * KiB); // recorded by c1 only in this QEMU process
+    await d.stop("SIGKILL");
+    await vm.monitor.execute("quit");
+    await vm.exited;
+    const vm2 = await startVm(t, { dir: vm.dir, images: vm.disks.map((x) => x.path), disks: formats });
+    await readd(vm2);
+    const d2 = await startDaemon(t, { dir: d.dir });
+    await connected(d2, "vm1");
+    const inc = join(vm.dir, "inc.xml");
+    writeFileSync(inc, vdbOnly);
+    const r = await cli(d2.socket, ["backup-begin", "vm1", inc]);
+    t.not(r.code, 0, "refused: the write at 1 MiB is not in this bitmap");
+    t.match(r.stderr, /checkpoint 'c1' cannot be used: bitmap 'c1' on disk 'vdb' is not the checkpoint's: its live marker/);
+    const c = JSON.parse((await cli(d2.socket, ["--json", "checkpoint-list", "vm1"])).stdout) as CheckpointJson[];
+    t.equal(c[0]?.valid, false, "c1 shown invalid");
+  });
+
+  t.test("the disk re-attached (device_del, blockdev-del, blockdev-add, device_add) while qbackupd runs", async (t) => {
+    const vm = await startVm(t, { disks: formats });
+    const d = await startDaemon(t);
+    await addDomain(d, "vm1", vm.qmpPath);
+    const { ok } = cliOn(t, d.socket);
+    await ok("checkpoint-create-as", "vm1", "c1");
+    await ok("checkpoint-list", "vm1");
+    await vm.write(1, 0x42, MiB, 64 * KiB);
+    const m = vm.monitor;
+    (await m.executeRaw("device_del", { id: "vdb" }))._unsafeUnwrap();
+    // without a guest, a PCI unplug finishes only on a paused machine's reset; wait for the device to go
+    for (let i = 0; i < 100; i++) {
+      const left = (await m.execute("qom-list", { path: "/machine/peripheral" }))._unsafeUnwrap();
+      if (!left.some((p) => p.name === "vdb")) break;
+      await m.executeRaw("system_reset");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    (await m.execute("blockdev-del", { "node-name": "drive-vdb" }))._unsafeUnwrap();
+    const file = { driver: "file", filename: vm.disks[1]!.path };
+    (await m.executeRaw("blockdev-add", { "node-name": "drive-vdb", driver: "raw", file }))._unsafeUnwrap();
+    await readd(vm);
+    (await m.executeRaw("device_add", { driver: "virtio-blk-pci", drive: "drive-vdb", id: "vdb" }))._unsafeUnwrap();
+    const inc = join(vm.dir, "inc.xml");
+    writeFileSync(inc, vdbOnly);
+    const r = await cli(d.socket, ["backup-begin", "vm1", inc]);
+    t.not(r.code, 0, "refused: the write at 1 MiB is not in this bitmap");
+    t.match(r.stderr, /checkpoint 'c1' cannot be used: bitmap 'c1' on disk 'vdb' is not the checkpoint's: its live marker/);
+  });
 });
