@@ -338,7 +338,7 @@ t.test("an unreadable evidence file is logged and rebuilt from what QEMU shows; 
   t.match(JSON.parse(readFileSync(file, "utf8")), { version: 1, checkpoints: { c1: { disks: { vda: { seen: { count: MiB } } } } } });
 });
 
-t.test("an external snapshot and its active commit: missing while the overlay is on top, valid again after the commit", async (t) => {
+t.test("an external snapshot and its active commit: refused while the overlay is on top, valid again after the commit", async (t) => {
   const { vm, client, mgr } = await setup(t);
   const vda = vm.disks[0]!;
   (await mgr.create(client, cp("c1")))._unsafeUnwrap();
@@ -349,7 +349,11 @@ t.test("an external snapshot and its active commit: missing while the overlay is
   await tamper(vm, "blockdev-add", { "node-name": "ovl", driver: "qcow2", file: { driver: "file", filename: overlay }, backing: null });
   await tamper(vm, "blockdev-snapshot", { node: vda.node, overlay: "ovl" });
   await vm.write(0, 0x12, 8 * MiB, 2 * MiB);
-  t.match((await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"), [/bitmap 'c1' on disk 'vda' is missing/], "overlay on top");
+  t.match(
+    (await mgr.reconcile(client))._unsafeUnwrap().problems.get("c1"),
+    [/bitmap 'c1' on disk 'vda' is on a backing layer/],
+    "overlay on top: the bitmap below, with the reason",
+  );
   await tamper(vm, "block-commit", { "job-id": "cm", device: "ovl", "base-node": vda.node });
   for (let i = 0; i < 400; i++) {
     const j = (await vm.monitor.execute("query-jobs"))._unsafeUnwrap().find((x) => x.id === "cm");
