@@ -68,7 +68,19 @@ export async function abortRace(
     failures.push(`round ${round}: ${what}`);
     log(`FAIL round ${round}: ${what}`);
   };
-  const api = () => new ApiClient(d.socket);
+  const client = () => new ApiClient(d.socket);
+  // every request bounded: an answer that never comes fails the run naming the request and round, not at tap's timeout
+  let current = -1;
+  const api = () => ({
+    request: (method: string, path: string, body?: unknown) => {
+      const c = client();
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`round ${current}: ${method} ${path} got no answer in 120 s`)), 120_000);
+      });
+      return Promise.race([c.request(method, path, body), late]).finally(() => clearTimeout(timer));
+    },
+  });
   const addOk = await cli(d.socket, ["domain-add", "vm", "--qmp", vm.qmpPath]);
   if (addOk.code !== 0) throw new Error(`domain-add: ${addOk.stderr}`);
   const base = await api().request("POST", "/v1/domains/vm/checkpoints", { xml: "<domaincheckpoint><name>base</name></domaincheckpoint>" });
@@ -118,6 +130,10 @@ export async function abortRace(
     const delay = Math.floor(rand() * 100);
     const kill = opts.killEvery > 0 && round % opts.killEvery === opts.killEvery - 1;
     const cp = `r${round}`;
+    current = round;
+    log(
+      `round ${round}: ${pull ? "pull" : "push"}${incremental ? " incremental" : ""}${withCp ? " +checkpoint" : ""}, ${kill ? "kill" : "abort"} after ${delay} ms`,
+    );
     const inc = incremental ? "<incremental>base</incremental>" : "";
     const backupXml = pull
       ? `<domainbackup mode='pull'>${inc}<server transport='unix' socket='${sock}'/></domainbackup>`

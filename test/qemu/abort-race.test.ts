@@ -5,7 +5,8 @@ import { abortRace } from "../../scripts/lib/abort-race.js";
 t.test(
   "aborts racing begins (push/pull, with and without checkpoints), daemon killed every 10 rounds: every answer true, nothing left",
   async (t) => {
-    const r = await abortRace(t, { rounds: 30, killEvery: 10, seed: 7 });
+    // each round on stderr: a run that stalls shows where
+    const r = await abortRace(t, { rounds: 30, killEvery: 10, seed: 7, log: (s) => process.stderr.write(`abort-race: ${s}\n`) });
     t.comment(`answers: ${JSON.stringify(r.answers)}`);
     t.same(r.failures, [], "no failure");
     t.ok((r.answers.cancelled ?? 0) > 0, "some aborts landed while the backup was starting or running");
