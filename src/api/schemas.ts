@@ -90,11 +90,28 @@ export const schemas: Readonly<Record<string, JsonSchema>> = {
   },
   DomainConfig: {
     type: "object",
-    required: ["name", "qmp"],
+    required: ["name"],
+    anyOf: [{ required: ["qmp"] }, { required: ["disks"] }],
     additionalProperties: false,
+    description: "qmp, disks or both: without qmp the domain is backed up offline only, from its disks",
     properties: {
       name: nameSchema,
       qmp: { type: "string", minLength: 1, description: "QMP socket path or host:port" },
+      disks: {
+        type: "array",
+        minItems: 1,
+        description: "the disks' images, for a VM qbackupd never saw run (backed up offline until QEMU is seen)",
+        items: {
+          type: "object",
+          required: ["name", "file"],
+          additionalProperties: false,
+          properties: {
+            name: nameSchema,
+            file: { type: "string", pattern: "^/", description: "absolute path of the image" },
+            format: { type: "string", enum: ["qcow2", "raw"], default: "qcow2" },
+          },
+        },
+      },
       agent: { type: "string", pattern: "^/", description: "guest agent socket path" },
       qemuUser: {
         type: "string",
@@ -108,7 +125,7 @@ export const schemas: Readonly<Record<string, JsonSchema>> = {
     required: ["name", "qmp", "origin", "state", "checkpoints"],
     properties: {
       name: { type: "string" },
-      qmp: { type: "string" },
+      qmp: { type: "string", nullable: true, description: "null: registered without QMP, backed up offline only" },
       agent: { type: "string", nullable: true },
       qemuUser: { type: "string", nullable: true, description: "uid:gid QEMU runs as, when not the daemon's user" },
       origin: { type: "string", enum: ["config", "api"] },

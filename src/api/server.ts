@@ -92,7 +92,7 @@ export function checkpointJson(d: Domain, c: CheckpointDefFull) {
 export function domainJson(d: Domain) {
   return {
     name: d.name,
-    qmp: d.config.qmp,
+    qmp: d.config.qmp ?? null,
     agent: d.config.agent ?? null,
     /** Who QEMU runs as when not the daemon's user ("uid:gid", configured or read off the QMP socket). */
     qemuUser: d.imageOwner ? `${d.imageOwner.uid}:${d.imageOwner.gid}` : null,

@@ -199,6 +199,13 @@ async function waitVerb(ctx: Ctx, domain: string, timeoutS: number | undefined, 
   }
 }
 
+/** `--disk vda=/images/vda.qcow2[,format=raw]` → the API's disk object. */
+function diskArg(v: string): { name: string; file: string; format: string } {
+  const m = /^([^=,]+)=([^,]+)(?:,format=(qcow2|raw))?$/.exec(v);
+  if (m === null) throw new CliFailure(`--disk '${v}': expected DEV=FILE[,format=qcow2|raw]`, EXIT.usage);
+  return { name: m[1]!, file: m[2]!, format: m[3] ?? "qcow2" };
+}
+
 /** Set by main() from the raw arguments, before commander parses them (its own errors come first). */
 let jsonErrors = false;
 /** The raw arguments: commander folds --leaves and --no-leaves into one value, virsh applies both. */
@@ -226,43 +233,58 @@ export function buildCli(setExit: (code: number) => void): Command {
 
   program
     .command("domain-add <name>")
-    .description("register a domain")
-    .requiredOption("--qmp <path>", "QMP socket path (or host:port)")
+    .description("register a domain (without --qmp: its --disk images only, backed up offline)")
+    .option("--qmp <path>", "QMP socket path (or host:port)")
+    .option(
+      "--disk <dev=file[,format=qcow2|raw]>",
+      "a disk's image, for a VM qbackupd never saw run (repeatable)",
+      (v: string, acc: string[]) => [...acc, v],
+      [] as string[],
+    )
     .option("--agent <path>", "guest agent socket (for --quiesce)")
     .option("--qemu-user <uid:gid>", "QEMU runs as this user (default: the QMP socket's owner)")
     .option("--no-wait", "return at once, without waiting for the daemon to connect to QEMU")
     .option("--timeout <seconds>", "how long to wait for the connection", "30")
-    .action(async (name: string, o: { qmp: string; agent?: string; qemuUser?: string; wait: boolean; timeout: string }) => {
-      const c = ctx();
-      const secs = Number(o.timeout);
-      if (!Number.isFinite(secs) || secs <= 0 || secs > 300) throw new CliFailure("--timeout takes seconds from 1 to 300", EXIT.usage);
-      const r = await call(c, "POST", `/v1/domains${o.wait ? `?wait=${secs}` : ""}`, {
-        name,
-        qmp: o.qmp,
-        ...(o.agent ? { agent: o.agent } : {}),
-        ...(o.qemuUser ? { qemuUser: o.qemuUser } : {}),
-      });
-      const d = r.body as { state: string; error: string | null };
-      if (o.wait && d.state !== "connected") {
-        const why = d.error ?? `still connecting after ${secs} s`;
-        throw new CliFailure(
-          `domain '${name}' is registered but not connected: ${why} (the daemon keeps retrying; domain-remove to drop it)`,
-          d.error === null ? EXIT.timeout : EXIT.unavailable,
+    .action(
+      async (name: string, o: { qmp?: string; disk: string[]; agent?: string; qemuUser?: string; wait: boolean; timeout: string }) => {
+        const c = ctx();
+        const secs = Number(o.timeout);
+        if (!Number.isFinite(secs) || secs <= 0 || secs > 300) throw new CliFailure("--timeout takes seconds from 1 to 300", EXIT.usage);
+        if (o.qmp === undefined && o.disk.length === 0) throw new CliFailure("domain-add needs --qmp, --disk or both", EXIT.usage);
+        const disks = o.disk.map(diskArg);
+        // without QMP there is nothing to connect to
+        const wait = o.wait && o.qmp !== undefined;
+        const r = await call(c, "POST", `/v1/domains${wait ? `?wait=${secs}` : ""}`, {
+          name,
+          ...(o.qmp !== undefined ? { qmp: o.qmp } : {}),
+          ...(disks.length > 0 ? { disks } : {}),
+          ...(o.agent ? { agent: o.agent } : {}),
+          ...(o.qemuUser ? { qemuUser: o.qemuUser } : {}),
+        });
+        const d = r.body as { state: string; error: string | null };
+        if (wait && d.state !== "connected") {
+          const why = d.error ?? `still connecting after ${secs} s`;
+          throw new CliFailure(
+            `domain '${name}' is registered but not connected: ${why} (the daemon keeps retrying; domain-remove to drop it)`,
+            d.error === null ? EXIT.timeout : EXIT.unavailable,
+          );
+        }
+        out(c, r.body, () =>
+          wait ? `Domain ${name} added and connected\n` : `Domain ${name} added${o.qmp === undefined ? " (offline)" : ""}\n`,
         );
-      }
-      out(c, r.body, () => (o.wait ? `Domain ${name} added and connected\n` : `Domain ${name} added\n`));
-    });
+      },
+    );
   program
     .command("domain-list")
     .description("list domains")
     .action(async () => {
       const c = ctx();
       const r = await call(c, "GET", "/v1/domains");
-      const list = r.body as { name: string; state: string; qmp: string; checkpoints: number; currentCheckpoint: string | null }[];
+      const list = r.body as { name: string; state: string; qmp: string | null; checkpoints: number; currentCheckpoint: string | null }[];
       out(c, list, () =>
         table(
           ["Name", "State", "Checkpoints", "Current", "QMP"],
-          list.map((d) => [d.name, d.state, String(d.checkpoints), d.currentCheckpoint ?? "-", d.qmp]),
+          list.map((d) => [d.name, d.state, String(d.checkpoints), d.currentCheckpoint ?? "-", d.qmp ?? "-"]),
         ),
       );
     });

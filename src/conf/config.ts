@@ -9,10 +9,19 @@ import { isLogLevel, LOG_LEVELS } from "../log.js";
 import type { ConfError } from "./errors.js";
 import { checkName } from "./names.js";
 
+/** A disk registered by hand (for a VM qbackupd never saw run): its image, opened offline. */
+export interface DomainDiskConfig {
+  readonly name: string;
+  readonly file: string;
+  readonly format: "qcow2" | "raw";
+}
+
 export interface DomainConfig {
   readonly name: string;
-  /** QMP socket path, or host:port. */
-  readonly qmp: string;
+  /** QMP socket path, or host:port; unset: the VM is backed up offline only, from `disks`. */
+  readonly qmp?: string | undefined;
+  /** Images registered by hand: what the disks are until QEMU is seen running (disk-memory.ts). */
+  readonly disks?: readonly DomainDiskConfig[] | undefined;
   /** Guest agent socket path (for quiesce). */
   readonly agent?: string | undefined;
   /**
@@ -85,14 +94,40 @@ function absPath(v: unknown, what: string): Result<string, ConfError> {
   return ok(v);
 }
 
+function parseDisks(v: unknown, where: string): Result<DomainDiskConfig[] | undefined, ConfError> {
+  if (v === undefined) return ok(undefined);
+  if (!Array.isArray(v) || v.length === 0) return bad(`${where}: disks must be a non-empty array`);
+  const out: DomainDiskConfig[] = [];
+  for (const [i, d] of v.entries()) {
+    const at = `${where}: disks[${i}]`;
+    if (typeof d !== "object" || d === null) return bad(`${at} must be an object`);
+    const x = d as Record<string, unknown>;
+    for (const k of Object.keys(x)) if (!["name", "file", "format"].includes(k)) return bad(`${at}: unknown key '${k}'`);
+    if (typeof x.name !== "string") return bad(`${at}: name is required`);
+    const n = checkName(x.name, "disk name");
+    if (n.isErr()) return err(n.error);
+    const f = absPath(x.file, `${at}: file`);
+    if (f.isErr()) return err(f.error);
+    const format = x.format ?? "qcow2";
+    if (format !== "qcow2" && format !== "raw") return bad(`${at}: format must be qcow2 or raw`);
+    if (out.some((o) => o.name === x.name)) return bad(`${at}: disk '${x.name}' is listed twice`);
+    out.push({ name: x.name, file: f.value, format });
+  }
+  return ok(out);
+}
+
 export function parseDomainConfig(v: unknown, where: string): Result<DomainConfig, ConfError> {
   if (typeof v !== "object" || v === null) return bad(`${where} must be an object`);
   const o = v as Record<string, unknown>;
-  for (const k of Object.keys(o)) if (!["name", "qmp", "agent", "qemuUser"].includes(k)) return bad(`${where}: unknown key '${k}'`);
+  for (const k of Object.keys(o))
+    if (!["name", "qmp", "agent", "qemuUser", "disks"].includes(k)) return bad(`${where}: unknown key '${k}'`);
   if (typeof o.name !== "string") return bad(`${where}: name is required`);
   const n = checkName(o.name, "domain name");
   if (n.isErr()) return err(n.error);
-  if (typeof o.qmp !== "string" || o.qmp === "") return bad(`${where}: qmp (socket path or host:port) is required`);
+  if (o.qmp !== undefined && (typeof o.qmp !== "string" || o.qmp === "")) return bad(`${where}: qmp must be a socket path or host:port`);
+  const disks = parseDisks(o.disks, where);
+  if (disks.isErr()) return err(disks.error);
+  if (o.qmp === undefined && disks.value === undefined) return bad(`${where}: qmp (socket path or host:port) or disks is required`);
   if (o.agent !== undefined) {
     const a = absPath(o.agent, `${where}: agent`);
     if (a.isErr()) return err(a.error);
@@ -101,7 +136,8 @@ export function parseDomainConfig(v: unknown, where: string): Result<DomainConfi
     return bad(`${where}: qemuUser must be "uid:gid" (numbers)`);
   return ok({
     name: o.name,
-    qmp: o.qmp,
+    ...(typeof o.qmp === "string" ? { qmp: o.qmp } : {}),
+    ...(disks.value !== undefined ? { disks: disks.value } : {}),
     ...(typeof o.agent === "string" ? { agent: o.agent } : {}),
     ...(typeof o.qemuUser === "string" ? { qemuUser: o.qemuUser } : {}),
   });

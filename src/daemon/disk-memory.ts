@@ -71,8 +71,18 @@ export class DiskMemory {
     private readonly log: Logger,
   ) {}
 
-  /** The domain's memory, read from its file (none when there is no file; an unreadable one is logged and ignored). */
-  static async open(stateDir: string, domain: string, log: Logger): Promise<DiskMemory> {
+  /**
+   * The domain's memory, read from its file (none when there is no file; an
+   * unreadable one is logged and ignored). Without a file, the disks
+   * registered by hand (`registered`) stand for it until QEMU is seen: what
+   * QEMU shows then is kept, and wins at later starts.
+   */
+  static async open(
+    stateDir: string,
+    domain: string,
+    log: Logger,
+    registered?: readonly { name: string; file: string; format: "qcow2" | "raw" }[],
+  ): Promise<DiskMemory> {
     const m = new DiskMemory(join(stateDir, "images", `${fileStem(domain)}.json`), log);
     let text: string | undefined;
     try {
@@ -86,6 +96,8 @@ export class DiskMemory {
       if (typeof p === "string") log.error({ file: m.path, reason: p }, "disk memory ignored: the domain cannot be backed up offline");
       else m.value = p;
     }
+    if (m.value === undefined && registered !== undefined)
+      m.value = { version: 1, seenAt: 0, disks: registered.map((d) => ({ ...d, readOnly: false, node: "" })) };
     return m;
   }
 

@@ -44,7 +44,8 @@ export class Domain implements BackupDomain {
   private capsValue: QemuCapabilities | undefined;
   private stateValue: DomainState = "connecting";
   private lastError: string | undefined;
-  private readonly supervisor: QmpSupervisor;
+  /** Keeps the QMP connection up; none for a domain registered without QMP (backed up offline only). */
+  private readonly supervisor: QmpSupervisor | undefined;
   /** Callers of settled(), told at the next connect outcome. */
   private readonly settleWaiters = new Set<() => void>();
   readonly agentPath: string | undefined;
@@ -65,17 +66,20 @@ export class Domain implements BackupDomain {
     private readonly registeredAs: (tag: string) => string | undefined = () => undefined,
   ) {
     this.agentPath = config.agent;
-    this.supervisor = new QmpSupervisor(
-      parseAddress(config.qmp),
-      {
-        // a throw past the QMP checks (a bug) must fail this domain, not end the daemon with an unhandled rejection
-        connected: (c) => void this.onConnected(c).catch((e: unknown) => this.onConnectThrew(e)),
-        disconnected: (i) => this.onDisconnected(i.message),
-        failed: (m) => this.onConnectFailed(m),
-      },
-      { logger: log, commandTimeoutMs: 60_000 },
-      { initialDelayMs: 200, maxDelayMs: 10_000 },
-    );
+    this.supervisor =
+      config.qmp === undefined
+        ? undefined
+        : new QmpSupervisor(
+            parseAddress(config.qmp),
+            {
+              // a throw past the QMP checks (a bug) must fail this domain, not end the daemon with an unhandled rejection
+              connected: (c) => void this.onConnected(c).catch((e: unknown) => this.onConnectThrew(e)),
+              disconnected: (i) => this.onDisconnected(i.message),
+              failed: (m) => this.onConnectFailed(m),
+            },
+            { logger: log, commandTimeoutMs: 60_000 },
+            { initialDelayMs: 200, maxDelayMs: 10_000 },
+          );
   }
 
   get name(): string {
@@ -83,7 +87,9 @@ export class Domain implements BackupDomain {
   }
 
   get state(): DomainState {
-    if (this.stateValue === "connecting" && this.lastError !== undefined && this.memory.disks !== undefined) return "offline";
+    const known = this.memory.disks !== undefined;
+    if (this.supervisor === undefined) return known ? "offline" : "connecting";
+    if (this.stateValue === "connecting" && this.lastError !== undefined && known) return "offline";
     return this.stateValue;
   }
 
@@ -111,7 +117,7 @@ export class Domain implements BackupDomain {
   private findOwner(): { uid: number; gid: number } | undefined {
     let o: { uid: number; gid: number } | undefined;
     if (this.config.qemuUser !== undefined) o = parseOwner(this.config.qemuUser);
-    else {
+    else if (this.config.qmp !== undefined) {
       const a = parseAddress(this.config.qmp);
       if ("path" in a) {
         try {
@@ -136,7 +142,7 @@ export class Domain implements BackupDomain {
   }
 
   start(): void {
-    this.supervisor.start();
+    this.supervisor?.start();
   }
 
   /**
@@ -171,7 +177,7 @@ export class Domain implements BackupDomain {
   }
 
   stop(): Promise<void> {
-    return this.supervisor.stop();
+    return this.supervisor?.stop() ?? Promise.resolve();
   }
 
   /** domain-remove: leave QEMU unmarked, then disconnect. */
@@ -393,7 +399,7 @@ export class DomainRegistry {
   /** The domain with its checkpoint store open, neither registered nor started. */
   private prepare(config: DomainConfig, origin: "config" | "api"): ResultAsync<Domain, DomainError> {
     return CheckpointStore.open(this.stateDir, config.name, this.log).andThen((store) =>
-      ResultAsync.fromSafePromise(DiskMemory.open(this.stateDir, config.name, this.log)).map((memory) => {
+      ResultAsync.fromSafePromise(DiskMemory.open(this.stateDir, config.name, this.log, config.disks)).map((memory) => {
         const checkpoints = new CheckpointManager(store, { logger: this.log, agentPath: config.agent });
         return new Domain(
           config,

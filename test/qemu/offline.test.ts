@@ -147,3 +147,30 @@ t.test("a daemon killed during an offline backup: its storage daemon is adopted,
   const cmp = await imagesIdentical(job.disks[0]!.file, image);
   t.ok(cmp.identical, `the backup = the disk: ${cmp.output}`);
 });
+
+t.test("domain-add --disk without --qmp: a VM never seen running, backed up offline, full and incremental", async (t) => {
+  const dir = tempDir(t);
+  const image = join(dir, "vda.qcow2");
+  await execFileP("qemu-img", ["create", "-f", "qcow2", image, "16M"]);
+  await execFileP("qemu-io", ["-f", "qcow2", "-c", `write -P 0x41 ${MiB} ${MiB}`, image]);
+  const d = await startDaemon(t);
+  const { q, ok, lastFile } = cliOn(t, d.socket);
+  const file = fileWriter(dir);
+  t.equal((await q("domain-add", "cold")).code, 2, "neither --qmp nor --disk: a usage error");
+  t.equal((await q("domain-add", "cold", "--disk", "vda")).code, 2, "--disk needs DEV=FILE");
+  t.match((await ok("domain-add", "cold", "--disk", `vda=${image},format=qcow2`)).stdout, /Domain cold added \(offline\)/);
+  t.match((await ok("domain-list")).stdout, /cold\s+offline\s+0\s+-\s+-/);
+  await ok("backup-begin", "cold", "", file("c1.xml", "<domaincheckpoint><name>c1</name></domaincheckpoint>"));
+  await ok("wait", "cold", "--timeout", "60");
+  const full = await lastFile("cold");
+  t.ok((await imagesIdentical(full, image)).identical, "the full = the image");
+  // written while nothing of ours runs: a persistent bitmap records it (qemu-io opens the image like QEMU does)
+  await execFileP("qemu-io", ["-f", "qcow2", "-c", `write -P 0x42 ${4 * MiB} 64k`, image]);
+  await ok("backup-begin", "cold", file("inc.xml", "<domainbackup><incremental>c1</incremental></domainbackup>"));
+  await ok("wait", "cold", "--timeout", "60");
+  const inc = await lastFile("cold");
+  t.same(await allocatedRanges(inc), [[4 * MiB, 64 * KiB]], "the incremental: the write");
+  await rebaseOnto(inc, full);
+  t.ok((await imagesIdentical(inc, image)).identical, "full + incremental = the image");
+  t.ok(await imageFree(image));
+});

@@ -65,9 +65,13 @@ function valid(s0: JsonSchema): unknown {
       return chance(0.5);
     case "integer":
       return pick([0, 1, 1 << 20, 2 ** 40]);
+    case "array":
+      return Array.from({ length: 1 + int(2) }, () => valid(s.items as JsonSchema));
     case "object": {
       const props = (s.properties ?? {}) as Record<string, JsonSchema>;
-      const req = (s.required ?? []) as string[];
+      // anyOf of required lists ("qmp or disks"): one of them, picked, is required too
+      const one = Array.isArray(s.anyOf) ? ((pick(s.anyOf as JsonSchema[]).required ?? []) as string[]) : [];
+      const req = [...((s.required ?? []) as string[]), ...one];
       return Object.fromEntries(
         Object.entries(props)
           .filter(([k]) => req.includes(k) || chance(0.5))
