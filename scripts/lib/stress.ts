@@ -1,15 +1,19 @@
 /**
- * Many VMs backing up at once (push; a mix of full and incremental) with a
- * daemon kill -9 and restart in the middle: every backup must come out
- * byte-exact, nothing may be left behind. Used by scripts/stress-load (20
- * VMs) and, in a short form, by the test suite.
+ * Many VMs backing up at once (push) with a daemon kill -9 and restart in
+ * the middle: every backup must come out byte-exact, nothing may be left
+ * behind. Four kinds of VM, by index modulo 4: a running qcow2 disk backed
+ * up in full; a running qcow2 disk backed up incrementally; a running raw
+ * disk backed up incrementally (a volatile bitmap); a qcow2 disk of a VM
+ * shut down after its first full, backed up incrementally offline through a
+ * qemu-storage-daemon. Used by scripts/stress-load (20 VMs) and, in a short
+ * form, by the test suite.
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { handBackups, rebaseOnto } from "../../test/helpers/backup.js";
 import { cli, type RunningDaemon, startDaemon } from "../../test/helpers/daemon.js";
 import { leftovers } from "../../test/helpers/domain.js";
-import { imagesIdentical, type QemuProcess, startVm, type Teardown, tempDir } from "../../test/helpers/qemu.js";
+import { execFileP, imagesIdentical, type QemuProcess, startVm, type Teardown, tempDir } from "../../test/helpers/qemu.js";
 
 const MiB = 1 << 20;
 
@@ -19,6 +23,25 @@ export interface StressResult {
   readonly daemonCpuMs: number;
   readonly peakRssMiB: number;
   readonly failures: string[];
+  /** VMs of each kind. */
+  readonly kinds: Readonly<Record<Kind, number>>;
+}
+
+type Kind = "full" | "incremental" | "raw-incremental" | "offline-incremental";
+const KINDS: readonly Kind[] = ["full", "incremental", "raw-incremental", "offline-incremental"];
+
+/** qemu-storage-daemons of qbackupd's running now. */
+function storageDaemons(): number {
+  let n = 0;
+  for (const p of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
+    try {
+      const cmd = readFileSync(`/proc/${p}/cmdline`, "utf8");
+      if (cmd.startsWith("qemu-storage-daemon") && cmd.includes("qbkm")) n++;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return n;
 }
 
 function cpuMs(pid: number): number {
@@ -49,8 +72,10 @@ export async function stress(t: Teardown, n: number, log: (s: string) => void = 
   const failures: string[] = [];
   const dir = tempDir(t, "qbackupd-stress-");
   let d = await startDaemon(t, { dir });
+  const kind = (i: number): Kind => KINDS[i % 4]!;
   const vms: QemuProcess[] = [];
-  for (let i = 0; i < n; i++) vms.push(await startVm(t, { disks: [{ size: "32M" }] }));
+  for (let i = 0; i < n; i++)
+    vms.push(await startVm(t, { disks: [{ size: "32M", ...(kind(i) === "raw-incremental" ? { format: "raw" as const } : {}) }] }));
   for (const [i, vm] of vms.entries()) {
     for (let off = 0; off < 16 * MiB; off += 2 * MiB) await vm.write(0, (i % 200) + 1, off, MiB);
     const r = await cli(d.socket, ["domain-add", `vm${i}`, "--qmp", vm.qmpPath]);
@@ -61,35 +86,50 @@ export async function stress(t: Teardown, n: number, log: (s: string) => void = 
     if (l.filter((x) => x.state === "connected").length === n) break;
     await new Promise((r) => setTimeout(r, 50));
   }
-  // odd VMs get a full backup with checkpoint c0 first, then writes: their stressed backup is incremental
+  // all but the "full" VMs get a full backup with checkpoint c0 first, then writes: their stressed backup is incremental
   const fulls = new Map<number, string>();
   const cp = join(dir, "c0.xml");
   writeFileSync(cp, "<domaincheckpoint><name>c0</name></domaincheckpoint>");
   const inc = join(dir, "inc.xml");
   writeFileSync(inc, "<domainbackup><incremental>c0</incremental></domainbackup>");
+  const offline = new Set<number>();
   for (const [i, vm] of vms.entries()) {
-    if (i % 2 === 0) continue;
+    if (kind(i) === "full") continue;
     await cli(d.socket, ["backup-begin", `vm${i}`, "", cp]);
     await cli(d.socket, ["wait", `vm${i}`]);
     fulls.set(i, (await json<{ disks: { file: string }[] }>(d, ["domjobinfo", `vm${i}`, "--completed"])).disks[0]!.file);
     await vm.write(0, 0xee, 3 * MiB, 512 * 1024);
+    if (kind(i) === "offline-incremental") {
+      // a clean shutdown: QEMU stores the persistent bitmap in the image as it closes it
+      await vm.monitor.execute("quit");
+      await vm.exited;
+      offline.add(i);
+    }
   }
-  log(`${n} VMs ready (${fulls.size} with a full backup and checkpoint c0); starting ${n} backups at once`);
+  for (let k = 0; k < 400 && offline.size > 0; k++) {
+    const l = await json<{ name: string; state: string }[]>(d, ["domain-list"]);
+    if ([...offline].every((i) => l.find((x) => x.name === `vm${i}`)?.state === "offline")) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const kinds = Object.fromEntries(KINDS.map((k) => [k, vms.filter((_, i) => kind(i) === k).length])) as Record<Kind, number>;
+  log(`${n} VMs ready (${JSON.stringify(kinds)}); starting ${n} backups at once`);
   const cpu0 = cpuMs(d.proc.pid!);
   const start = Date.now();
-  await Promise.all(
+  const begun = await Promise.all(
     vms.map((_, i) =>
       cli(
         d.socket,
-        i % 2 === 0
+        kind(i) === "full"
           ? ["backup-begin", `vm${i}`, "--bandwidth", String(2 * MiB)]
           : ["backup-begin", `vm${i}`, inc, "--bandwidth", String(256 * 1024)],
       ),
     ),
   );
-  // snapshots at the backups' point in time: nothing writes to the disks from here on
-  const snaps = vms.map((vm) => join(vm.dir, "snap.qcow2"));
-  for (const [i, vm] of vms.entries()) await handBackups(vm.monitor, "32M", [{ node: vm.disks[0]!.node, target: snaps[i]!, sync: "full" }]);
+  for (const [i, b] of begun.entries()) if (b.code !== 0) failures.push(`vm${i} (${kind(i)}): backup-begin exited ${b.code}: ${b.stderr.trim()}`);
+  // snapshots at the backups' point in time: nothing writes to the disks from here on (a stopped VM's is its image)
+  const snaps = vms.map((vm, i) => (offline.has(i) ? vm.disks[0]!.path : join(vm.dir, "snap.qcow2")));
+  for (const [i, vm] of vms.entries())
+    if (!offline.has(i)) await handBackups(vm.monitor, "32M", [{ node: vm.disks[0]!.node, target: snaps[i]!, sync: "full" }]);
   let cpu = cpuMs(d.proc.pid!) - cpu0;
   let rss = hwmMiB(d.proc.pid!);
   log("killing the daemon (-9) mid-backup and starting it again");
@@ -127,8 +167,19 @@ export async function stress(t: Teardown, n: number, log: (s: string) => void = 
     if (fulls.has(i)) await rebaseOnto(target, fulls.get(i)!);
     const cmp = await imagesIdentical(target, snaps[i]!);
     if (!cmp.identical) failures.push(`vm${i}: ${fulls.has(i) ? "full+incremental" : "full"} differs from the disk: ${cmp.output.trim()}`);
+    if (offline.has(i)) continue;
     const left = await leftovers(vm.monitor);
     if (left.length > 0) failures.push(`vm${i}: leftovers ${left.join(", ")}`);
   }
-  return { vms: n, wallMs, daemonCpuMs: cpu, peakRssMiB: rss, failures };
+  // the offline backups' storage daemons end with their jobs, and with them the image locks
+  for (let k = 0; k < 200 && storageDaemons() > 0; k++) await new Promise((r) => setTimeout(r, 50));
+  if (storageDaemons() > 0) failures.push(`${storageDaemons()} storage daemons left`);
+  for (const i of offline) {
+    try {
+      await execFileP("qemu-img", ["info", vms[i]!.disks[0]!.path]);
+    } catch (e) {
+      failures.push(`vm${i}: its image is still locked: ${(e as Error).message}`);
+    }
+  }
+  return { vms: n, wallMs, daemonCpuMs: cpu, peakRssMiB: rss, failures, kinds };
 }

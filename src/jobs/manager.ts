@@ -203,6 +203,24 @@ export class JobManager {
     return this.active.get(domain)?.active === true || this.beginning.has(domain) || this.recoveries.has(domain);
   }
 
+  /**
+   * The last finished job's record read from disk if not known yet: recovery
+   * reads it at a connect, but a domain whose QEMU is not running (offline)
+   * never connects, and its last backup may have ended while the daemon was down.
+   */
+  private withCompleted(domain: string): ResultAsync<void, BackupError> {
+    const store = this.store;
+    if (this.completed.has(domain) || store === undefined) return okAsync(undefined);
+    return ResultAsync.fromSafePromise(
+      store
+        .loadCompleted(domain)
+        .catch(() => undefined) // not JSON: as if none (the next finished job replaces it)
+        .then((c) => {
+          if (c !== undefined && !this.completed.has(domain)) this.completed.set(domain, c);
+        }),
+    );
+  }
+
   /** Resolves once the domain's recovery (if one runs) is over: callers then ask busy() of the settled view. */
   async recovered(domain: string): Promise<void> {
     await this.recoveries.get(domain);
@@ -210,7 +228,7 @@ export class JobManager {
 
   /** The running job's info; with `completed`, the last finished job's. */
   info(domain: string, opts: { completed?: boolean } = {}): ResultAsync<BackupJobInfo, BackupError> {
-    return this.afterRecovery(domain, () => this.infoNow(domain, opts));
+    return this.afterRecovery(domain, () => this.withCompleted(domain).andThen(() => this.infoNow(domain, opts)));
   }
 
   private infoNow(domain: string, opts: { completed?: boolean }): ResultAsync<BackupJobInfo, BackupError> {
@@ -265,7 +283,7 @@ export class JobManager {
 
   /** Wait until the running job is ready (push: complete), failed or cancelled. */
   wait(domain: string, timeoutMs?: number): ResultAsync<BackupJobInfo, BackupError> {
-    return this.afterRecovery(domain, () => this.waitNow(domain, timeoutMs));
+    return this.afterRecovery(domain, () => this.withCompleted(domain).andThen(() => this.waitNow(domain, timeoutMs)));
   }
 
   private waitNow(domain: string, timeoutMs: number | undefined): ResultAsync<BackupJobInfo, BackupError> {
