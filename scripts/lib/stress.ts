@@ -8,12 +8,12 @@
  * qemu-storage-daemon. Used by scripts/stress-load (20 VMs) and, in a short
  * form, by the test suite.
  */
-import { readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { handBackups, rebaseOnto } from "../../test/helpers/backup.js";
 import { cli, type RunningDaemon, startDaemon } from "../../test/helpers/daemon.js";
 import { leftovers } from "../../test/helpers/domain.js";
-import { execFileP, imagesIdentical, type QemuProcess, startVm, type Teardown, tempDir } from "../../test/helpers/qemu.js";
+import { execFileP, imagesIdentical, type QemuProcess, startVm, storageDaemons, type Teardown, tempDir } from "../../test/helpers/qemu.js";
 
 const MiB = 1 << 20;
 
@@ -29,20 +29,6 @@ export interface StressResult {
 
 type Kind = "full" | "incremental" | "raw-incremental" | "offline-incremental";
 const KINDS: readonly Kind[] = ["full", "incremental", "raw-incremental", "offline-incremental"];
-
-/** qemu-storage-daemons of qbackupd's running now. */
-function storageDaemons(): number {
-  let n = 0;
-  for (const p of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
-    try {
-      const cmd = readFileSync(`/proc/${p}/cmdline`, "utf8");
-      if (cmd.startsWith("qemu-storage-daemon") && cmd.includes("qbkm")) n++;
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return n;
-}
 
 function cpuMs(pid: number): number {
   try {
@@ -125,7 +111,8 @@ export async function stress(t: Teardown, n: number, log: (s: string) => void = 
       ),
     ),
   );
-  for (const [i, b] of begun.entries()) if (b.code !== 0) failures.push(`vm${i} (${kind(i)}): backup-begin exited ${b.code}: ${b.stderr.trim()}`);
+  for (const [i, b] of begun.entries())
+    if (b.code !== 0) failures.push(`vm${i} (${kind(i)}): backup-begin exited ${b.code}: ${b.stderr.trim()}`);
   // snapshots at the backups' point in time: nothing writes to the disks from here on (a stopped VM's is its image)
   const snaps = vms.map((vm, i) => (offline.has(i) ? vm.disks[0]!.path : join(vm.dir, "snap.qcow2")));
   for (const [i, vm] of vms.entries())

@@ -10,12 +10,12 @@
  * offline backup: the storage daemon is adopted and ended.
  */
 import { spawn } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges, rebaseOnto } from "../helpers/backup.js";
 import { addDomain, cliOn, connected, fileWriter, startDaemon, until } from "../helpers/daemon.js";
-import { execFileP, imagesIdentical, type QemuProcess, startVm, tempDir } from "../helpers/qemu.js";
+import { execFileP, imagesIdentical, type QemuProcess, startVm, storageDaemons, tempDir } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -34,19 +34,6 @@ async function imageFree(image: string): Promise<boolean> {
 async function shutDown(vm: QemuProcess): Promise<void> {
   await vm.monitor.execute("quit");
   await vm.exited;
-}
-
-function storageDaemons(): number {
-  let n = 0;
-  for (const p of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
-    try {
-      const cmd = readFileSync(`/proc/${p}/cmdline`, "utf8");
-      if (cmd.startsWith("qemu-storage-daemon") && cmd.includes("qbkm")) n++;
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return n;
 }
 
 t.test("a stopped VM: incremental through a storage daemon, exact; locked image refused; the chain goes on once it runs", async (t) => {
