@@ -26,6 +26,10 @@ export interface RememberedDisk {
   readonly readOnly: boolean;
   /** The node-name it had in the VM (for people; the storage daemon names nodes itself). */
   readonly node: string;
+  /** The guest device's qdev path in the VM ("" when none, or registered by hand). */
+  readonly device?: string;
+  /** The backing chain's files below the image, top-down, as QEMU had them open (absent: registered by hand). */
+  readonly backing?: readonly string[];
 }
 
 interface MemoryFile {
@@ -39,7 +43,15 @@ interface MemoryFile {
 export function rememberable(d: DiskInfo): RememberedDisk | undefined {
   if (d.format !== "qcow2" && d.format !== "raw") return undefined;
   if (!d.file.startsWith("/") || d.file.startsWith("json:")) return undefined;
-  return { name: d.name, file: d.file, format: d.format, readOnly: d.readOnly, node: d.nodeName };
+  return {
+    name: d.name,
+    file: d.file,
+    format: d.format,
+    readOnly: d.readOnly,
+    node: d.nodeName,
+    device: d.qdev ?? "",
+    backing: d.below.map((l) => l.file),
+  };
 }
 
 function same(a: readonly RememberedDisk[], b: readonly RememberedDisk[]): boolean {
@@ -59,6 +71,8 @@ function parse(text: string): MemoryFile | string {
     if (typeof d.name !== "string" || typeof d.file !== "string" || !d.file.startsWith("/")) return "a disk without name or absolute file";
     if (d.format !== "qcow2" && d.format !== "raw") return `disk '${d.name}': format must be qcow2 or raw`;
     if (typeof d.readOnly !== "boolean" || typeof d.node !== "string") return `disk '${d.name}': readOnly or node missing`;
+    if (d.backing !== undefined && (!Array.isArray(d.backing) || d.backing.some((b) => typeof b !== "string")))
+      return `disk '${d.name}': backing must be a list of files`;
   }
   return m as MemoryFile;
 }

@@ -160,4 +160,32 @@ t.test("domain-add --disk without --qmp: a VM never seen running, backed up offl
   await rebaseOnto(inc, full);
   t.ok((await imagesIdentical(inc, image)).identical, "full + incremental = the image");
   t.ok(await imageFree(image));
+
+  // a pull offline, incremental since c1: the storage daemon serves the export until the pull is ended
+  await execFileP("qemu-io", ["-f", "qcow2", "-c", `write -P 0x43 ${6 * MiB} 64k`, image]);
+  const sock = join(d.stateDir, "backups", "pull.sock");
+  await ok(
+    "backup-begin",
+    "cold",
+    file("pull.xml", `<domainbackup mode='pull'><incremental>c1</incremental><server transport='unix' socket='${sock}'/></domainbackup>`),
+  );
+  await ok("wait", "cold", "--timeout", "60");
+  const uri = `nbd+unix:///vda?socket=${sock}`;
+  const map = await execFileP("nbdinfo", ["--json", "--map=qemu:dirty-bitmap:backup-vda", uri]);
+  const dirty = (JSON.parse(map.stdout) as { offset: number; length: number; type: number }[])
+    .filter((e) => e.type & 1)
+    .map((e) => [e.offset, e.length]);
+  t.same(
+    dirty,
+    [
+      [4 * MiB, 64 * KiB],
+      [6 * MiB, 64 * KiB],
+    ],
+    "the export's dirty map since c1",
+  );
+  t.ok((await imagesIdentical(uri, image)).identical, "the export = the image");
+  t.equal(storageDaemons(), 1, "a storage daemon serves the pull");
+  await ok("domjobabort", "cold");
+  await until("storage daemon ended", async () => storageDaemons() === 0 && (await imageFree(image)));
+  t.ok(await imageFree(image), "ended with the pull");
 });
