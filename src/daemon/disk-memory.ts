@@ -22,6 +22,14 @@ export interface RememberedDisk {
   /** The disk's name (device id), as checkpoints and backups name it. */
   readonly name: string;
   readonly file: string;
+  /**
+   * The backing files below it, top-down, as QEMU had the chain. The storage
+   * daemon opens the chain the image headers name; a graph QEMU was given
+   * otherwise (an overlay added with blockdev-snapshot names no backing in
+   * its header) would read as other data: offline.ts refuses unless it opened
+   * this very chain.
+   */
+  readonly chain: readonly string[];
   readonly format: "qcow2" | "raw";
   readonly readOnly: boolean;
   /** The node-name it had in the VM (for people; the storage daemon names nodes itself). */
@@ -33,13 +41,19 @@ interface MemoryFile {
   /** Unix seconds of the sighting this was taken from. */
   readonly seenAt: number;
   readonly disks: readonly RememberedDisk[];
+  /**
+   * Disks QEMU had that a storage daemon cannot open by themselves (their
+   * names): an offline backup is refused while there are any, as a backup
+   * of the others would leave them out without a word.
+   */
+  readonly unopenable: readonly string[];
 }
 
 /** A disk the storage daemon can open from its file alone, as it was seen. */
 export function rememberable(d: DiskInfo): RememberedDisk | undefined {
   if (d.format !== "qcow2" && d.format !== "raw") return undefined;
   if (!d.file.startsWith("/") || d.file.startsWith("json:")) return undefined;
-  return { name: d.name, file: d.file, format: d.format, readOnly: d.readOnly, node: d.nodeName };
+  return { name: d.name, file: d.file, chain: d.below.map((l) => l.file), format: d.format, readOnly: d.readOnly, node: d.nodeName };
 }
 
 function same(a: readonly RememberedDisk[], b: readonly RememberedDisk[]): boolean {
@@ -55,8 +69,10 @@ function parse(text: string): MemoryFile | string {
   }
   const m = v as Partial<MemoryFile>;
   if (m.version !== 1 || typeof m.seenAt !== "number" || !Array.isArray(m.disks)) return "not a version 1 disk memory";
+  if (!Array.isArray(m.unopenable) || !m.unopenable.every((x) => typeof x === "string")) return "no list of unopenable disks";
   for (const d of m.disks as Partial<RememberedDisk>[]) {
     if (typeof d.name !== "string" || typeof d.file !== "string" || !d.file.startsWith("/")) return "a disk without name or absolute file";
+    if (!Array.isArray(d.chain) || !d.chain.every((f) => typeof f === "string")) return `disk '${d.name}': no backing chain`;
     if (d.format !== "qcow2" && d.format !== "raw") return `disk '${d.name}': format must be qcow2 or raw`;
     if (typeof d.readOnly !== "boolean" || typeof d.node !== "string") return `disk '${d.name}': readOnly or node missing`;
   }
@@ -94,6 +110,11 @@ export class DiskMemory {
     return this.value?.disks;
   }
 
+  /** The disks of that sighting a storage daemon cannot open by themselves. */
+  get unopenable(): readonly string[] {
+    return this.value?.unopenable ?? [];
+  }
+
   /** Unix seconds of that sighting. */
   get seenAt(): number | undefined {
     return this.value?.seenAt;
@@ -105,13 +126,15 @@ export class DiskMemory {
       const r = rememberable(d);
       return r === undefined ? [] : [r];
     });
-    if (this.value !== undefined && same(this.value.disks, kept)) return okAsync(undefined);
-    const next: MemoryFile = { version: 1, seenAt: now, disks: kept };
+    const unopenable = disks.filter((d) => rememberable(d) === undefined).map((d) => d.name);
+    if (this.value !== undefined && same(this.value.disks, kept) && this.value.unopenable.join("\n") === unopenable.join("\n"))
+      return okAsync(undefined);
+    const next: MemoryFile = { version: 1, seenAt: now, disks: kept, unopenable };
     return ensureDir(join(this.path, ".."))
       .andThen(() => writeFileAtomic(this.path, `${JSON.stringify(next, null, 2)}\n`))
       .map(() => {
         this.value = next;
-        this.log.info({ disks: kept.map((d) => `${d.name}=${d.file}`) }, "disk memory updated");
+        this.log.info({ disks: kept.map((d) => `${d.name}=${d.file}`), unopenable }, "disk memory updated");
       });
   }
 }

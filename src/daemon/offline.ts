@@ -32,6 +32,7 @@ import type { BackupJobInfo } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import { probeCapabilities } from "../qmp/capabilities.js";
 import { QmpClient } from "../qmp/client.js";
+import { discoverDisks } from "../qmp/disks.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import { ensureDir } from "../util/atomic-file.js";
 import type { RememberedDisk } from "./disk-memory.js";
@@ -42,6 +43,8 @@ export interface OfflineCapable {
   readonly checkpoints: CheckpointManager;
   /** The disks as last seen while QEMU ran (undefined: never seen). */
   rememberedDisks(): readonly RememberedDisk[] | undefined;
+  /** Disks of that sighting a storage daemon cannot open by themselves. */
+  unopenableDisks(): readonly string[];
 }
 
 export type OfflineError = { readonly code: "busy"; readonly message: string } | { readonly code: "unsupported"; readonly message: string };
@@ -160,6 +163,12 @@ export class OfflineRunner {
   }
 
   private start(d: OfflineCapable): ResultAsync<OfflineSession, OfflineError> {
+    const unopenable = d.unopenableDisks();
+    if (unopenable.length > 0)
+      return errAsync({
+        code: "unsupported",
+        message: `domain '${d.name}' cannot be backed up offline: QEMU last had disk(s) ${unopenable.map((n) => `'${n}'`).join(", ")} opened in a way the image file alone does not give (a json: filename, a chain QEMU was given, another format); a backup of the others would leave them out`,
+      });
     const disks = d.rememberedDisks();
     if (disks === undefined || disks.length === 0)
       return errAsync({
@@ -180,10 +189,40 @@ export class OfflineRunner {
       .mapErr((e): OfflineError => ({ code: "unsupported", message: e.message }))
       .andThen(() => ResultAsync.fromSafePromise(this.spawn(d, disks, qmp, pid)))
       .andThen((r) => (typeof r === "string" ? errAsync<OfflineSession, OfflineError>({ code: "busy", message: r }) : okAsync(r)))
+      .andThen((s) => this.sameChains(d.name, disks, s))
       .orElse((e) => {
         this.sessions.delete(d.name);
         return errAsync(e);
       });
+  }
+
+  /**
+   * The storage daemon opened each image with the backing chain its header
+   * names; QEMU may have had another (an overlay put on top with
+   * blockdev-snapshot names no backing file): what it opened would be other
+   * data than the guest's disk, and a backup of it silently wrong. Refused
+   * unless every disk's chain is the one QEMU had.
+   */
+  private sameChains(domain: string, disks: readonly RememberedDisk[], s: OfflineSession): ResultAsync<OfflineSession, OfflineError> {
+    return ResultAsync.fromSafePromise(discoverDisks(s.client)).andThen((seen) => {
+      const wrong = seen.isErr()
+        ? `cannot list the storage daemon's disks: ${qmpErrorMessage(seen.error)}`
+        : disks.flatMap((m) => {
+            const got = seen.value.find((x) => x.name === m.name);
+            const chain = got === undefined ? [] : [got.file, ...got.below.map((l) => l.file)];
+            const want = [m.file, ...m.chain];
+            return chain.join("\n") === want.join("\n")
+              ? []
+              : [`disk '${m.name}': QEMU had ${want.join(" over ")}, the image files now give ${chain.join(" over ") || "nothing"}`];
+          })[0];
+      if (wrong === undefined) return okAsync(s);
+      return ResultAsync.fromSafePromise(s.stop()).andThen(() =>
+        errAsync<OfflineSession, OfflineError>({
+          code: "unsupported",
+          message: `domain '${domain}' cannot be backed up offline: its images are not the disks QEMU last ran with (${wrong}); start the VM once so its disks are seen again`,
+        }),
+      );
+    });
   }
 
   private async spawn(d: OfflineCapable, disks: readonly RememberedDisk[], qmp: string, pid: string): Promise<OfflineSession | string> {

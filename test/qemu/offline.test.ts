@@ -10,44 +10,16 @@
  * offline backup: the storage daemon is adopted and ended.
  */
 import { spawn } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges, rebaseOnto } from "../helpers/backup.js";
 import { addDomain, cliOn, connected, fileWriter, startDaemon, until } from "../helpers/daemon.js";
-import { execFileP, imagesIdentical, type QemuProcess, startVm, tempDir } from "../helpers/qemu.js";
+import { imageFree, shutDown, storageDaemons } from "../helpers/offline.js";
+import { imagesIdentical, startVm, tempDir } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** No process holds a write lock on the image: qemu-img takes a shared lock, refused while a writer holds it. */
-async function imageFree(image: string): Promise<boolean> {
-  try {
-    await execFileP("qemu-img", ["info", image]);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** A clean shutdown, as a guest power-off: QEMU writes the persistent bitmaps into the image as it closes it. */
-async function shutDown(vm: QemuProcess): Promise<void> {
-  await vm.monitor.execute("quit");
-  await vm.exited;
-}
-
-function storageDaemons(): number {
-  let n = 0;
-  for (const p of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
-    try {
-      const cmd = readFileSync(`/proc/${p}/cmdline`, "utf8");
-      if (cmd.startsWith("qemu-storage-daemon") && cmd.includes("qbkm")) n++;
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return n;
-}
 
 t.test("a stopped VM: incremental through a storage daemon, exact; locked image refused; the chain goes on once it runs", async (t) => {
   const vm = await startVm(t, { disks: [{ size: "16M" }] });
