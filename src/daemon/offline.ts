@@ -140,14 +140,26 @@ export class OfflineRunner {
     const { qmp } = this.paths(d.name);
     if (!existsSync(qmp)) return;
     const c = await QmpClient.connect({ path: qmp }, { logger: this.opts.logger });
-    if (c.isErr()) {
-      // nobody listens: the storage daemon is gone, its files are stale
+    let s: OfflineSession;
+    if (c.isOk()) {
+      this.opts.logger.warn({ domain: d.name }, "found the storage daemon of an offline backup left by a previous daemon: adopting it");
+      this.sessions.add(d.name);
+      s = await this.sessionOn(d, c.value, undefined);
+    } else {
+      // nobody answers. One still running (stopped, stuck) would hold the images' locks for good once its files
+      // are gone, and no later start would find it: ended here
+      if (await this.killLeftover(d.name))
+        this.opts.logger.error({ domain: d.name, error: qmpErrorMessage(c.error) }, "a leftover storage daemon did not answer: killed it");
       this.removeFiles(d.name);
-      return;
+      // a job it ran is recorded still: finished against a fresh storage daemon, which has none of its nodes
+      // or jobs (as after a QEMU restart), so it ends failed and its files go, not overwritten by the next begin
+      const fresh = await this.start(d);
+      if (fresh.isErr()) {
+        this.opts.logger.warn({ domain: d.name, error: fresh.error.message }, "cannot open the images to finish a leftover offline job");
+        return;
+      }
+      s = fresh.value;
     }
-    this.opts.logger.warn({ domain: d.name }, "found the storage daemon of an offline backup left by a previous daemon: adopting it");
-    this.sessions.add(d.name);
-    const s = await this.sessionOn(d, c.value, undefined);
     await this.opts.jobs.recover(s.domain);
     const job = this.opts.jobs.job(d.name);
     if (job?.active === true) this.stopWhenEnded(d.name, s, job.info().id);
@@ -304,13 +316,31 @@ export class OfflineRunner {
     this.opts.logger.info({ domain }, "storage daemon ended");
   }
 
-  private killByPidFile(domain: string): void {
+  /** The pid in the domain's pid file, if that process is a storage daemon of ours (its command line names our socket: not a reused pid). */
+  private ourPid(domain: string): number | undefined {
+    const { qmp, pid } = this.paths(domain);
     try {
-      const pid = Number(readFileSync(this.paths(domain).pid, "utf8").trim());
-      if (Number.isInteger(pid) && pid > 1) process.kill(pid, "SIGKILL");
+      const n = Number(readFileSync(pid, "utf8").trim());
+      if (!Number.isInteger(n) || n <= 1) return undefined;
+      return readFileSync(`/proc/${n}/cmdline`, "utf8").includes(qmp) ? n : undefined;
     } catch {
-      // no pid file or no such process: nothing to kill
+      // no pid file or no such process
+      return undefined;
     }
+  }
+
+  private killByPidFile(domain: string): void {
+    const pid = this.ourPid(domain);
+    if (pid !== undefined) process.kill(pid, "SIGKILL");
+  }
+
+  /** Kill the domain's storage daemon found by its pid file and wait for it to be gone (a zombie's command line is empty); whether there was one. */
+  private async killLeftover(domain: string): Promise<boolean> {
+    const pid = this.ourPid(domain);
+    if (pid === undefined) return false;
+    process.kill(pid, "SIGKILL");
+    for (const deadline = Date.now() + STOP_TIMEOUT_MS; this.ourPid(domain) !== undefined && Date.now() < deadline; ) await sleep(20);
+    return true;
   }
 
   private removeFiles(domain: string): void {

@@ -1,6 +1,11 @@
 /** What offline-backup tests ask of the host: who holds an image, which storage daemons of ours run. */
-import { readdirSync, readFileSync } from "node:fs";
-import { execFileP, type QemuProcess } from "./qemu.js";
+import { readdirSync, readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import type { Test } from "tap";
+import { addDomain, cliOn, startDaemon, until } from "./daemon.js";
+import { execFileP, type QemuProcess, startVm, tempDir } from "./qemu.js";
+
+const MiB = 1024 * 1024;
 
 /** No process holds a write lock on the image: qemu-img takes a shared lock, refused while a writer holds it. */
 export async function imageFree(image: string): Promise<boolean> {
@@ -34,4 +39,35 @@ export function storageDaemonPids(): number[] {
 
 export function storageDaemons(): number {
   return storageDaemonPids().length;
+}
+
+/** A daemon killed during an offline push at 256 KiB/s, its storage daemon then sent `fate` (none: left running); a new daemon on the same state. */
+export async function killedMidPush(t: Test, fate?: "SIGKILL" | "SIGSTOP") {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  const image = vm.disks[0]!.path;
+  const dir = tempDir(t, "qbackupd-daemon-");
+  const d = await startDaemon(t, { dir });
+  const { ok } = cliOn(t, d.socket);
+  await addDomain(d, "vm1", vm.qmpPath);
+  await vm.write(0, 0x21, 0, 2 * MiB);
+  await shutDown(vm);
+  await until("offline", async () => (await ok("domain-list")).stdout.includes("offline"));
+  await ok("backup-begin", "vm1", "--bandwidth", "256K");
+  const target = (JSON.parse((await ok("--json", "domjobinfo", "vm1")).stdout) as { disks: { file: string }[] }).disks[0]!.file;
+  await d.stop("SIGKILL");
+  const [sd] = storageDaemonPids();
+  t.ok(sd, "the storage daemon outlived the daemon");
+  if (fate !== undefined) process.kill(sd!, fate);
+  t.teardown(() => {
+    try {
+      process.kill(sd!, "SIGKILL");
+    } catch {
+      // gone
+    }
+  });
+  // the killed daemon's API socket is left: the new one is ready once it answers on its own
+  rmSync(join(dir, "api.sock"), { force: true });
+  // (a leftover that does not answer costs its connect timeout before the daemon listens)
+  const d2 = await startDaemon(t, { dir, readyMs: 20_000 });
+  return { image, target, sd: sd!, again: cliOn(t, d2.socket) };
 }

@@ -2,11 +2,11 @@
  * Attacks on offline backups (issue 13): what the storage daemon opens, and
  * what a crash or a stuck process leaves. Through the CLI against real QEMU.
  */
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { addDomain, cliOn, fileWriter, startDaemon, until } from "../helpers/daemon.js";
-import { imageFree, shutDown, storageDaemons } from "../helpers/offline.js";
+import { imageFree, killedMidPush, shutDown, storageDaemons } from "../helpers/offline.js";
 import { createImage, startVm } from "../helpers/qemu.js";
 
 const KiB = 1024;
@@ -43,4 +43,33 @@ t.test("an external snapshot seen while the VM ran: offline backups are refused,
   t.equal((await q("checkpoint-create-as", "vm1", "c9")).code === 0, false, "and a checkpoint");
   t.equal(storageDaemons(), 0, "no storage daemon left by the refusals");
   t.ok(await imageFree(ov), "the overlay is free");
+});
+
+t.test(
+  "a daemon and its storage daemon both killed mid offline push: the job is failed, its target removed, the next backup runs",
+  async (t) => {
+    const { image, target, again } = await killedMidPush(t, "SIGKILL");
+    await until("the job known failed", async () => {
+      const r = await again.q("--json", "domjobinfo", "vm1", "--completed");
+      return r.code === 0 && (JSON.parse(r.stdout) as { state: string }).state === "failed";
+    });
+    t.notOk(existsSync(target), "the partial target is removed");
+    t.ok(await imageFree(image), "the image is free");
+    await again.ok("backup-begin", "vm1");
+    const w = await again.ok("--json", "wait", "vm1", "--timeout", "60");
+    t.match(JSON.parse(w.stdout), { state: "ready" }, "the next offline backup completes");
+    await until("storage daemon ended", async () => storageDaemons() === 0);
+  },
+);
+
+t.test("a leftover storage daemon that does not answer (stopped) at start: it is ended, not orphaned with its image lock", async (t) => {
+  const { image, sd } = await killedMidPush(t, "SIGSTOP");
+  // the new daemon has given up on it (its connect timed out): it runs again, slow but alive
+  await new Promise((r) => setTimeout(r, 8000));
+  try {
+    process.kill(sd, "SIGCONT");
+  } catch {
+    // already gone
+  }
+  await until("no storage daemon left", async () => storageDaemons() === 0 && (await imageFree(image)), 15_000);
 });
