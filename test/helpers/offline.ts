@@ -2,7 +2,7 @@
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { Test } from "tap";
-import { addDomain, cliOn, startDaemon, until } from "./daemon.js";
+import { addDomain, cliOn, fileWriter, startDaemon, until } from "./daemon.js";
 import { execFileP, type QemuProcess, startVm, tempDir } from "./qemu.js";
 
 const MiB = 1024 * 1024;
@@ -41,19 +41,29 @@ export function storageDaemons(): number {
   return storageDaemonPids().length;
 }
 
+/** A VM whose guest wrote 2 MiB of `pattern`, registered with a daemon in `dir`, then shut down: the domain is offline. */
+export async function stoppedVm(t: Test, pattern: number, dir = tempDir(t, "qbackupd-daemon-")) {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  const d = await startDaemon(t, { dir });
+  const c = cliOn(t, d.socket);
+  await addDomain(d, "vm1", vm.qmpPath);
+  await vm.write(0, pattern, 0, 2 * MiB);
+  await shutDown(vm);
+  await until("offline", async () => (await c.ok("domain-list")).stdout.includes("offline"));
+  return { vm, image: vm.disks[0]!.path, d, file: fileWriter(vm.dir), ...c };
+}
+
+/** The first disk's target of the running job. */
+export async function runningTarget(ok: (...a: string[]) => Promise<{ stdout: string }>): Promise<string> {
+  return (JSON.parse((await ok("--json", "domjobinfo", "vm1")).stdout) as { disks: { file: string }[] }).disks[0]!.file;
+}
+
 /** A daemon killed during an offline push at 256 KiB/s, its storage daemon then sent `fate` (none: left running); a new daemon on the same state. */
 export async function killedMidPush(t: Test, fate?: "SIGKILL" | "SIGSTOP") {
-  const vm = await startVm(t, { disks: [{ size: "16M" }] });
-  const image = vm.disks[0]!.path;
   const dir = tempDir(t, "qbackupd-daemon-");
-  const d = await startDaemon(t, { dir });
-  const { ok } = cliOn(t, d.socket);
-  await addDomain(d, "vm1", vm.qmpPath);
-  await vm.write(0, 0x21, 0, 2 * MiB);
-  await shutDown(vm);
-  await until("offline", async () => (await ok("domain-list")).stdout.includes("offline"));
+  const { image, d, ok } = await stoppedVm(t, 0x21, dir);
   await ok("backup-begin", "vm1", "--bandwidth", "256K");
-  const target = (JSON.parse((await ok("--json", "domjobinfo", "vm1")).stdout) as { disks: { file: string }[] }).disks[0]!.file;
+  const target = await runningTarget(ok);
   await d.stop("SIGKILL");
   const [sd] = storageDaemonPids();
   t.ok(sd, "the storage daemon outlived the daemon");

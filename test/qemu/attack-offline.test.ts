@@ -5,9 +5,10 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import { addDomain, cliOn, fileWriter, startDaemon, until } from "../helpers/daemon.js";
-import { imageFree, killedMidPush, shutDown, storageDaemons } from "../helpers/offline.js";
-import { createImage, startVm } from "../helpers/qemu.js";
+import { allocatedRanges, rebaseOnto } from "../helpers/backup.js";
+import { addDomain, cliOn, connected, fileWriter, startDaemon, until } from "../helpers/daemon.js";
+import { imageFree, killedMidPush, runningTarget, shutDown, stoppedVm, storageDaemonPids, storageDaemons } from "../helpers/offline.js";
+import { createImage, execFileP, imagesIdentical, startVm } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -72,4 +73,79 @@ t.test("a leftover storage daemon that does not answer (stopped) at start: it is
     // already gone
   }
   await until("no storage daemon left", async () => storageDaemons() === 0 && (await imageFree(image)), 15_000);
+});
+
+t.test("offline after the VM was killed: the incremental is refused (bitmaps not written back), a full works", async (t) => {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  const d = await startDaemon(t);
+  const { q, ok } = cliOn(t, d.socket);
+  const file = fileWriter(vm.dir);
+  await addDomain(d, "vm1", vm.qmpPath);
+  await ok("backup-begin", "vm1", "", file("c1.xml", "<domaincheckpoint><name>c1</name></domaincheckpoint>"));
+  await ok("wait", "vm1", "--timeout", "60");
+  await vm.write(0, 0x31, MiB, 64 * KiB);
+  await vm.kill("SIGKILL");
+  await until("offline", async () => (await ok("domain-list")).stdout.includes("offline"));
+  const inc = await q("backup-begin", "vm1", file("inc-c1.xml", "<domainbackup><incremental>c1</incremental></domainbackup>"));
+  t.not(inc.code, 0, `refused: ${inc.stderr.trim()}`);
+  t.match(inc.stderr, /c1/);
+  await ok("backup-begin", "vm1");
+  t.match(JSON.parse((await ok("--json", "wait", "vm1", "--timeout", "60")).stdout), { state: "ready" });
+  await until("storage daemon ended", async () => storageDaemons() === 0);
+});
+
+t.test("the storage daemon killed by someone mid offline push: the job fails, the next offline backup runs", async (t) => {
+  const { image, q, ok } = await stoppedVm(t, 0x41);
+  await ok("backup-begin", "vm1", "--bandwidth", "256K");
+  const target = await runningTarget(ok);
+  const [sd] = storageDaemonPids();
+  process.kill(sd!, "SIGKILL");
+  const w = await q("--json", "wait", "vm1", "--timeout", "30");
+  t.match(w.stdout, /failed/, `the job failed: ${w.stdout}${w.stderr}`);
+  t.notOk(existsSync(target), "its target removed");
+  const started = Date.now();
+  const next = await q("backup-begin", "vm1");
+  t.equal(next.code, 0, `the next offline backup is taken at once: ${next.stderr.trim()}`);
+  t.ok(Date.now() - started < 5000, "without waiting out a quit to a dead storage daemon");
+  if (next.code === 0) await ok("wait", "vm1", "--timeout", "60");
+  await until("storage daemon ended", async () => storageDaemons() === 0 && (await imageFree(image)));
+});
+
+t.test("the VM started during an offline backup fails on the lock; afterwards it starts and the chain goes on", async (t) => {
+  const { vm, image, d, q, ok, lastFile, file } = await stoppedVm(t, 0x51);
+  await ok("backup-begin", "vm1", "", file("c1.xml", "<domaincheckpoint><name>c1</name></domaincheckpoint>"), "--bandwidth", "128K");
+  t.equal((await q("domain-remove", "vm1")).code, 4, "domain-remove is refused while the offline job runs");
+  // QEMU opening the image as a VM would (paused: it would stay up if it could)
+  const early = await execFileP(
+    "qemu-system-x86_64",
+    [
+      "-nodefaults",
+      "-S",
+      "-display",
+      "none",
+      "-machine",
+      "pc",
+      "-blockdev",
+      JSON.stringify({ "node-name": "d0", driver: "qcow2", file: { driver: "file", filename: image } }),
+    ],
+    { timeout: 5000 },
+  ).then(
+    () => "started",
+    (e: Error & { stderr?: string }) => `${e.message} ${e.stderr ?? ""}`,
+  );
+  t.match(early, /Failed to get "write" lock/, "the VM refuses to start on the held image");
+  t.match(JSON.parse((await ok("--json", "wait", "vm1", "--timeout", "60")).stdout), { state: "ready" });
+  const full = await lastFile();
+  await until("image free", () => imageFree(image));
+  const vm2 = await startVm(t, { dir: vm.dir, images: [image] });
+  await connected(d, "vm1");
+  await vm2.write(0, 0x52, 4 * MiB, 64 * KiB);
+  await ok("backup-begin", "vm1", file("inc-c1.xml", "<domainbackup><incremental>c1</incremental></domainbackup>"));
+  await ok("wait", "vm1", "--timeout", "60");
+  const inc = await lastFile();
+  t.same(await allocatedRanges(inc), [[4 * MiB, 64 * KiB]], "since c1 (made offline): the write after the start");
+  await shutDown(vm2);
+  await rebaseOnto(inc, full);
+  const cmp = await imagesIdentical(inc, image);
+  t.ok(cmp.identical, `full + inc = the disk: ${cmp.output}`);
 });
