@@ -2,13 +2,16 @@
  * Attacks on offline backups (issue 13): what the storage daemon opens, and
  * what a crash or a stuck process leaves. Through the CLI against real QEMU.
  */
-import { existsSync, readFileSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges, rebaseOnto } from "../helpers/backup.js";
 import { addDomain, cliOn, connected, fileWriter, startDaemon, until } from "../helpers/daemon.js";
+import { reply, startFakeQmp } from "../helpers/fake-qmp.js";
 import { imageFree, killedMidPush, runningTarget, shutDown, stoppedVm, storageDaemonPids, storageDaemons } from "../helpers/offline.js";
-import { createImage, execFileP, imagesIdentical, startVm } from "../helpers/qemu.js";
+import { createImage, execFileP, imagesIdentical, startVm, tempDir } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -148,4 +151,33 @@ t.test("the VM started during an offline backup fails on the lock; afterwards it
   await rebaseOnto(inc, full);
   const cmp = await imagesIdentical(inc, image);
   t.ok(cmp.identical, `full + inc = the disk: ${cmp.output}`);
+});
+
+t.test("a leftover socket someone else answers on, not quitting, and a stale pid file: no unrelated process is killed", async (t) => {
+  const vm = await startVm(t, { disks: [{ size: "16M" }] });
+  const dir = tempDir(t, "qbackupd-daemon-");
+  const d = await startDaemon(t, { dir });
+  await addDomain(d, "vm1", vm.qmpPath);
+  await d.stop("SIGKILL");
+  // a peer answering every question with nothing, and ignoring quit (QEMU cannot be made to do that)
+  const peer = await startFakeQmp(t, (cmd, p) => {
+    const lists = ["query-jobs", "query-block-jobs", "query-block", "query-named-block-nodes", "query-block-exports", "query-qmp-schema"];
+    if (cmd.execute === "query-version") p.write(reply(cmd.id, { qemu: { major: 7, minor: 2, micro: 0 }, package: "fake" }));
+    else if (cmd.execute === "query-status") p.write(reply(cmd.id, { status: "running", running: true, singlestep: false }));
+    else if (cmd.execute !== "quit") p.write(reply(cmd.id, lists.includes(cmd.execute) ? [] : {}));
+  });
+  const h = createHash("sha256").update("vm1").digest("hex").slice(0, 16);
+  mkdirSync(join(d.stateDir, "offline"), { recursive: true });
+  symlinkSync(peer.path, join(d.stateDir, "offline", `${h}.qmp`));
+  // the pid file names a process that is not a storage daemon (a pid reused since)
+  const bystander = spawn("sleep", ["120"], { stdio: "ignore" });
+  t.teardown(() => bystander.kill("SIGKILL"));
+  writeFileSync(join(d.stateDir, "offline", `${h}.pid`), `${bystander.pid}\n`);
+  rmSync(join(dir, "api.sock"), { force: true });
+  // (the quit goes unanswered: its command timeout, then the wait for the end, pass before it listens)
+  const d2 = await startDaemon(t, { dir, readyMs: 60_000 });
+  await until("the daemon gave up on the peer", async () => !existsSync(join(d.stateDir, "offline", `${h}.qmp`)), 30_000);
+  t.equal(bystander.exitCode ?? bystander.signalCode, null, "the process the stale pid file names still runs");
+  t.match(d2.log(), /storage daemon did not end after quit/, "the quit went unanswered");
+  t.comment(peer.received.map((c) => c.execute).join(" "));
 });
