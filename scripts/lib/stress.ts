@@ -13,7 +13,8 @@ import { join } from "node:path";
 import { handBackups, rebaseOnto } from "../../test/helpers/backup.js";
 import { cli, type RunningDaemon, startDaemon } from "../../test/helpers/daemon.js";
 import { leftovers } from "../../test/helpers/domain.js";
-import { execFileP, imagesIdentical, type QemuProcess, startVm, storageDaemons, type Teardown, tempDir } from "../../test/helpers/qemu.js";
+import { storageDaemons } from "../../test/helpers/offline.js";
+import { execFileP, imagesIdentical, type QemuProcess, startVm, type Teardown, tempDir } from "../../test/helpers/qemu.js";
 
 const MiB = 1 << 20;
 

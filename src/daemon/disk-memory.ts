@@ -22,14 +22,21 @@ export interface RememberedDisk {
   /** The disk's name (device id), as checkpoints and backups name it. */
   readonly name: string;
   readonly file: string;
+  /**
+   * The backing files below it, top-down, as QEMU had the chain. The storage
+   * daemon opens the chain the image headers name; a graph QEMU was given
+   * otherwise (an overlay added with blockdev-snapshot names no backing in
+   * its header) would read as other data: offline.ts refuses unless it opened
+   * this very chain. Absent for disks registered by hand (domain-add --disk):
+   * the chain their headers give is taken.
+   */
+  readonly chain?: readonly string[];
   readonly format: "qcow2" | "raw";
   readonly readOnly: boolean;
   /** The node-name it had in the VM (for people; the storage daemon names nodes itself). */
   readonly node: string;
   /** The guest device's qdev path in the VM ("" when none, or registered by hand). */
   readonly device?: string;
-  /** The backing chain's files below the image, top-down, as QEMU had them open (absent: registered by hand). */
-  readonly backing?: readonly string[];
 }
 
 interface MemoryFile {
@@ -37,6 +44,12 @@ interface MemoryFile {
   /** Unix seconds of the sighting this was taken from. */
   readonly seenAt: number;
   readonly disks: readonly RememberedDisk[];
+  /**
+   * Disks QEMU had that a storage daemon cannot open by themselves (their
+   * names): an offline backup is refused while there are any, as a backup
+   * of the others would leave them out without a word.
+   */
+  readonly unopenable: readonly string[];
 }
 
 /** A disk the storage daemon can open from its file alone, as it was seen. */
@@ -46,11 +59,11 @@ export function rememberable(d: DiskInfo): RememberedDisk | undefined {
   return {
     name: d.name,
     file: d.file,
+    chain: d.below.map((l) => l.file),
     format: d.format,
     readOnly: d.readOnly,
     node: d.nodeName,
     device: d.qdev ?? "",
-    backing: d.below.map((l) => l.file),
   };
 }
 
@@ -67,12 +80,13 @@ function parse(text: string): MemoryFile | string {
   }
   const m = v as Partial<MemoryFile>;
   if (m.version !== 1 || typeof m.seenAt !== "number" || !Array.isArray(m.disks)) return "not a version 1 disk memory";
+  if (!Array.isArray(m.unopenable) || !m.unopenable.every((x) => typeof x === "string")) return "no list of unopenable disks";
   for (const d of m.disks as Partial<RememberedDisk>[]) {
     if (typeof d.name !== "string" || typeof d.file !== "string" || !d.file.startsWith("/")) return "a disk without name or absolute file";
+    if (d.chain !== undefined && (!Array.isArray(d.chain) || !d.chain.every((f) => typeof f === "string")))
+      return `disk '${d.name}': its backing chain is not a list of files`;
     if (d.format !== "qcow2" && d.format !== "raw") return `disk '${d.name}': format must be qcow2 or raw`;
     if (typeof d.readOnly !== "boolean" || typeof d.node !== "string") return `disk '${d.name}': readOnly or node missing`;
-    if (d.backing !== undefined && (!Array.isArray(d.backing) || d.backing.some((b) => typeof b !== "string")))
-      return `disk '${d.name}': backing must be a list of files`;
   }
   return m as MemoryFile;
 }
@@ -111,13 +125,18 @@ export class DiskMemory {
       else m.value = p;
     }
     if (m.value === undefined && registered !== undefined)
-      m.value = { version: 1, seenAt: 0, disks: registered.map((d) => ({ ...d, readOnly: false, node: "" })) };
+      m.value = { version: 1, seenAt: 0, disks: registered.map((d) => ({ ...d, readOnly: false, node: "" })), unopenable: [] };
     return m;
   }
 
   /** The disks as last seen (undefined: never seen, nor registered). */
   get disks(): readonly RememberedDisk[] | undefined {
     return this.value?.disks;
+  }
+
+  /** The disks of that sighting a storage daemon cannot open by themselves. */
+  get unopenable(): readonly string[] {
+    return this.value?.unopenable ?? [];
   }
 
   /** Unix seconds of that sighting. */
@@ -131,13 +150,15 @@ export class DiskMemory {
       const r = rememberable(d);
       return r === undefined ? [] : [r];
     });
-    if (this.value !== undefined && same(this.value.disks, kept)) return okAsync(undefined);
-    const next: MemoryFile = { version: 1, seenAt: now, disks: kept };
+    const unopenable = disks.filter((d) => rememberable(d) === undefined).map((d) => d.name);
+    if (this.value !== undefined && same(this.value.disks, kept) && this.value.unopenable.join("\n") === unopenable.join("\n"))
+      return okAsync(undefined);
+    const next: MemoryFile = { version: 1, seenAt: now, disks: kept, unopenable };
     return ensureDir(join(this.path, ".."))
       .andThen(() => writeFileAtomic(this.path, `${JSON.stringify(next, null, 2)}\n`))
       .map(() => {
         this.value = next;
-        this.log.info({ disks: kept.map((d) => `${d.name}=${d.file}`) }, "disk memory updated");
+        this.log.info({ disks: kept.map((d) => `${d.name}=${d.file}`), unopenable }, "disk memory updated");
       });
   }
 }

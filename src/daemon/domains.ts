@@ -27,6 +27,9 @@ import { DomainsFile, type DomainsFileEntry } from "./domains-file.js";
 import type { DomainError } from "./errors.js";
 import { claimQemu, releaseQemu } from "./ownership.js";
 
+/** How often a connected domain's disks are looked at again for the disk memory. */
+const DISK_WATCH_MS = 3000;
+
 /** Shared by all domains: one schema parse per QEMU build. */
 const capabilityCache: CapabilityCache = new Map();
 
@@ -95,6 +98,10 @@ export class Domain implements BackupDomain {
 
   rememberedDisks(): readonly RememberedDisk[] | undefined {
     return this.memory.disks;
+  }
+
+  unopenableDisks(): readonly string[] {
+    return this.memory.unopenable;
   }
 
   get caps(): QemuCapabilities | undefined {
@@ -177,6 +184,7 @@ export class Domain implements BackupDomain {
   }
 
   stop(): Promise<void> {
+    clearInterval(this.diskWatch);
     return this.supervisor?.stop() ?? Promise.resolve();
   }
 
@@ -223,9 +231,32 @@ export class Domain implements BackupDomain {
     await this.onConnect(this);
     await this.checkpoints.reconcile(c);
     await this.rememberDisks(c);
+    this.watchDisks(c);
     this.ready = this.conn === c;
     this.onEvent({ domain: this.name, type: "connected" });
     this.settle();
+  }
+
+  private diskWatch: NodeJS.Timeout | undefined;
+
+  /**
+   * Look again every few seconds while connected: another tool may change
+   * the graph (an external snapshot, a mirror's pivot) with no QMP event,
+   * and an offline backup opens what was last seen. A change in the last
+   * seconds before QEMU went away stays unseen; offline.ts then refuses,
+   * as the images no longer give the chain remembered, where it can tell.
+   */
+  private watchDisks(c: QmpClient): void {
+    clearInterval(this.diskWatch);
+    let looking = false;
+    this.diskWatch = setInterval(() => {
+      if (this.conn !== c || looking) return;
+      looking = true;
+      void this.rememberDisks(c).finally(() => {
+        looking = false;
+      });
+    }, DISK_WATCH_MS);
+    this.diskWatch.unref();
   }
 
   /** Keep the disks as this QEMU has them, for backups while it is not running (a failure only costs that). */
@@ -250,6 +281,7 @@ export class Domain implements BackupDomain {
   }
 
   private onDisconnected(message: string): void {
+    clearInterval(this.diskWatch);
     this.conn = undefined;
     this.ready = false;
     this.stateValue = "connecting";

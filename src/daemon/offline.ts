@@ -32,6 +32,7 @@ import type { BackupJobInfo } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import { probeCapabilities } from "../qmp/capabilities.js";
 import { QmpClient } from "../qmp/client.js";
+import { discoverDisks } from "../qmp/disks.js";
 import { qmpErrorMessage } from "../qmp/errors.js";
 import { ensureDir } from "../util/atomic-file.js";
 import type { RememberedDisk } from "./disk-memory.js";
@@ -42,6 +43,8 @@ export interface OfflineCapable {
   readonly checkpoints: CheckpointManager;
   /** The disks as last seen while QEMU ran (undefined: never seen). */
   rememberedDisks(): readonly RememberedDisk[] | undefined;
+  /** Disks of that sighting a storage daemon cannot open by themselves. */
+  unopenableDisks(): readonly string[];
 }
 
 export type OfflineError = { readonly code: "busy"; readonly message: string } | { readonly code: "unsupported"; readonly message: string };
@@ -137,14 +140,26 @@ export class OfflineRunner {
     const { qmp } = this.paths(d.name);
     if (!existsSync(qmp)) return;
     const c = await QmpClient.connect({ path: qmp }, { logger: this.opts.logger });
-    if (c.isErr()) {
-      // nobody listens: the storage daemon is gone, its files are stale
+    let s: OfflineSession;
+    if (c.isOk()) {
+      this.opts.logger.warn({ domain: d.name }, "found the storage daemon of an offline backup left by a previous daemon: adopting it");
+      this.sessions.add(d.name);
+      s = await this.sessionOn(d, c.value, undefined);
+    } else {
+      // nobody answers. One still running (stopped, stuck) would hold the images' locks for good once its files
+      // are gone, and no later start would find it: ended here
+      if (await this.killLeftover(d.name))
+        this.opts.logger.error({ domain: d.name, error: qmpErrorMessage(c.error) }, "a leftover storage daemon did not answer: killed it");
       this.removeFiles(d.name);
-      return;
+      // a job it ran is recorded still: finished against a fresh storage daemon, which has none of its nodes
+      // or jobs (as after a QEMU restart), so it ends failed and its files go, not overwritten by the next begin
+      const fresh = await this.start(d);
+      if (fresh.isErr()) {
+        this.opts.logger.warn({ domain: d.name, error: fresh.error.message }, "cannot open the images to finish a leftover offline job");
+        return;
+      }
+      s = fresh.value;
     }
-    this.opts.logger.warn({ domain: d.name }, "found the storage daemon of an offline backup left by a previous daemon: adopting it");
-    this.sessions.add(d.name);
-    const s = await this.sessionOn(d, c.value, undefined);
     await this.opts.jobs.recover(s.domain);
     const job = this.opts.jobs.job(d.name);
     if (job?.active === true) this.stopWhenEnded(d.name, s, job.info().id);
@@ -160,6 +175,12 @@ export class OfflineRunner {
   }
 
   private start(d: OfflineCapable): ResultAsync<OfflineSession, OfflineError> {
+    const unopenable = d.unopenableDisks();
+    if (unopenable.length > 0)
+      return errAsync({
+        code: "unsupported",
+        message: `domain '${d.name}' cannot be backed up offline: QEMU last had disk(s) ${unopenable.map((n) => `'${n}'`).join(", ")} opened in a way the image file alone does not give (a json: filename, a chain QEMU was given, another format); a backup of the others would leave them out`,
+      });
     const disks = d.rememberedDisks();
     if (disks === undefined || disks.length === 0)
       return errAsync({
@@ -180,10 +201,42 @@ export class OfflineRunner {
       .mapErr((e): OfflineError => ({ code: "unsupported", message: e.message }))
       .andThen(() => ResultAsync.fromSafePromise(this.spawn(d, disks, qmp, pid)))
       .andThen((r) => (typeof r === "string" ? errAsync<OfflineSession, OfflineError>({ code: "busy", message: r }) : okAsync(r)))
+      .andThen((s) => this.sameChains(d.name, disks, s))
       .orElse((e) => {
         this.sessions.delete(d.name);
         return errAsync(e);
       });
+  }
+
+  /**
+   * The storage daemon opened each image with the backing chain its header
+   * names; QEMU may have had another (an overlay put on top with
+   * blockdev-snapshot names no backing file): what it opened would be other
+   * data than the guest's disk, and a backup of it silently wrong. Refused
+   * unless every disk's chain is the one QEMU had.
+   */
+  private sameChains(domain: string, disks: readonly RememberedDisk[], s: OfflineSession): ResultAsync<OfflineSession, OfflineError> {
+    return ResultAsync.fromSafePromise(discoverDisks(s.client)).andThen((seen) => {
+      const wrong = seen.isErr()
+        ? `cannot list the storage daemon's disks: ${qmpErrorMessage(seen.error)}`
+        : disks.flatMap((m) => {
+            const got = seen.value.find((x) => x.name === m.name);
+            const chain = got === undefined ? [] : [got.file, ...got.below.map((l) => l.file)];
+            // registered by hand: no chain was seen, the headers' is taken
+            if (m.chain === undefined) return [];
+            const want = [m.file, ...m.chain];
+            return chain.join("\n") === want.join("\n")
+              ? []
+              : [`disk '${m.name}': QEMU had ${want.join(" over ")}, the image files now give ${chain.join(" over ") || "nothing"}`];
+          })[0];
+      if (wrong === undefined) return okAsync(s);
+      return ResultAsync.fromSafePromise(s.stop()).andThen(() =>
+        errAsync<OfflineSession, OfflineError>({
+          code: "unsupported",
+          message: `domain '${domain}' cannot be backed up offline: its images are not the disks QEMU last ran with (${wrong}); start the VM once so its disks are seen again`,
+        }),
+      );
+    });
   }
 
   private async spawn(d: OfflineCapable, disks: readonly RememberedDisk[], qmp: string, pid: string): Promise<OfflineSession | string> {
@@ -265,13 +318,31 @@ export class OfflineRunner {
     this.opts.logger.info({ domain }, "storage daemon ended");
   }
 
-  private killByPidFile(domain: string): void {
+  /** The pid in the domain's pid file, if that process is a storage daemon of ours (its command line names our socket: not a reused pid). */
+  private ourPid(domain: string): number | undefined {
+    const { qmp, pid } = this.paths(domain);
     try {
-      const pid = Number(readFileSync(this.paths(domain).pid, "utf8").trim());
-      if (Number.isInteger(pid) && pid > 1) process.kill(pid, "SIGKILL");
+      const n = Number(readFileSync(pid, "utf8").trim());
+      if (!Number.isInteger(n) || n <= 1) return undefined;
+      return readFileSync(`/proc/${n}/cmdline`, "utf8").includes(qmp) ? n : undefined;
     } catch {
-      // no pid file or no such process: nothing to kill
+      // no pid file or no such process
+      return undefined;
     }
+  }
+
+  private killByPidFile(domain: string): void {
+    const pid = this.ourPid(domain);
+    if (pid !== undefined) process.kill(pid, "SIGKILL");
+  }
+
+  /** Kill the domain's storage daemon found by its pid file and wait for it to be gone (a zombie's command line is empty); whether there was one. */
+  private async killLeftover(domain: string): Promise<boolean> {
+    const pid = this.ourPid(domain);
+    if (pid === undefined) return false;
+    process.kill(pid, "SIGKILL");
+    for (const deadline = Date.now() + STOP_TIMEOUT_MS; this.ourPid(domain) !== undefined && Date.now() < deadline; ) await sleep(20);
+    return true;
   }
 
   private removeFiles(domain: string): void {

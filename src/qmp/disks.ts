@@ -45,10 +45,10 @@ export interface DiskInfo {
 
 export interface BackingLayer {
   readonly nodeName: string;
+  /** The image file QEMU opened for the layer (offline backups check the storage daemon opened the same chain). */
+  readonly file: string;
   /** QEMU opened the layer read-only (as backing layers are): its bitmaps cannot be changed there. */
   readonly readOnly: boolean;
-  /** The layer's image file (QEMU's filename). */
-  readonly file: string;
   readonly bitmaps: readonly DirtyBitmap[];
 }
 
@@ -108,7 +108,7 @@ function backingChain(top: string, nodes: ReadonlyMap<string, BlockDeviceInfo>, 
     cur = path[path.length - 1]!;
     const n = nodes.get(cur);
     if (n === undefined) break;
-    out.push({ nodeName: cur, readOnly: n.ro, file: n.image.filename, bitmaps: bitmapsOf(n) });
+    out.push({ nodeName: cur, file: n.image.filename, readOnly: n.ro, bitmaps: bitmapsOf(n) });
   }
   return out;
 }

@@ -29,6 +29,8 @@ export async function startDaemon(
     command?: readonly string[];
     /** Another state directory than <dir>/state (another daemon's, say). */
     stateDir?: string;
+    /** How long it may take to listen, and then to answer (ms each; a start that deals with leftovers takes longer). */
+    readyMs?: number;
   } = {},
 ): Promise<RunningDaemon> {
   const dir = opts.dir ?? tempDir(t, "qbackupd-daemon-");
@@ -56,7 +58,8 @@ export async function startDaemon(
       await exited;
     }
   });
-  for (let i = 0; i < 200 && !existsSync(socket); i++) {
+  const tries = (opts.readyMs ?? 5000) / 25;
+  for (let i = 0; i < tries && !existsSync(socket); i++) {
     if (proc.exitCode !== null) throw new Error(`qbackupd exited: ${out}`);
     await new Promise((r) => setTimeout(r, 25));
   }
@@ -66,7 +69,7 @@ export async function startDaemon(
   for (let i = 0; ; i++) {
     const r = await api.request("GET", "/v1/health");
     if ("status" in r && r.status === 200) break;
-    if (i >= 200 || proc.exitCode !== null) throw new Error(`qbackupd did not answer: ${out}`);
+    if (i >= tries || proc.exitCode !== null) throw new Error(`qbackupd did not answer: ${out}`);
     await new Promise((r) => setTimeout(r, 25));
   }
   return {

@@ -7,7 +7,7 @@
  * process dies first.
  */
 import { type ChildProcess, execFile, execFileSync, spawn } from "node:child_process";
-import { chmodSync, chownSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -303,18 +303,4 @@ export function qemuVersionUnderTest(): { major: number; minor: number; micro: n
   const m = /version (\d+)\.(\d+)\.(\d+)/.exec(out);
   if (m === null) throw new Error(`cannot read QEMU's version from: ${out}`);
   return { major: Number(m[1]), minor: Number(m[2]), micro: Number(m[3]) };
-}
-
-/** qemu-storage-daemons qbackupd started (for offline backups: their monitor is "qbkm") running now. */
-export function storageDaemons(): number {
-  let n = 0;
-  for (const p of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
-    try {
-      const cmd = readFileSync(`/proc/${p}/cmdline`, "utf8");
-      if (cmd.startsWith("qemu-storage-daemon") && cmd.includes("qbkm")) n++;
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return n;
 }

@@ -15,26 +15,11 @@ import { join } from "node:path";
 import t from "tap";
 import { allocatedRanges, rebaseOnto } from "../helpers/backup.js";
 import { addDomain, cliOn, connected, fileWriter, startDaemon, until } from "../helpers/daemon.js";
-import { execFileP, imagesIdentical, type QemuProcess, startVm, storageDaemons, tempDir } from "../helpers/qemu.js";
+import { imageFree, killedMidPush, shutDown, storageDaemons } from "../helpers/offline.js";
+import { execFileP, imagesIdentical, startVm, tempDir } from "../helpers/qemu.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** No process holds a write lock on the image: qemu-img takes a shared lock, refused while a writer holds it. */
-async function imageFree(image: string): Promise<boolean> {
-  try {
-    await execFileP("qemu-img", ["info", image]);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** A clean shutdown, as a guest power-off: QEMU writes the persistent bitmaps into the image as it closes it. */
-async function shutDown(vm: QemuProcess): Promise<void> {
-  await vm.monitor.execute("quit");
-  await vm.exited;
-}
 
 t.test("a stopped VM: incremental through a storage daemon, exact; locked image refused; the chain goes on once it runs", async (t) => {
   const vm = await startVm(t, { disks: [{ size: "16M" }] });
@@ -112,21 +97,8 @@ t.test("a stopped VM: incremental through a storage daemon, exact; locked image 
 });
 
 t.test("a daemon killed during an offline backup: its storage daemon is adopted, the job finishes, nothing is left", async (t) => {
-  const vm = await startVm(t, { disks: [{ size: "16M" }] });
-  const image = vm.disks[0]!.path;
-  const dir = tempDir(t, "qbackupd-daemon-");
-  const d = await startDaemon(t, { dir });
-  const { ok } = cliOn(t, d.socket);
-  await addDomain(d, "vm1", vm.qmpPath);
-  await vm.write(0, 0x21, 0, 2 * MiB);
-  await shutDown(vm);
-  await until("offline", async () => (await ok("domain-list")).stdout.includes("offline"));
   // 2 MiB at 256 KiB/s: still copying when the daemon dies
-  await ok("backup-begin", "vm1", "--bandwidth", "256K");
-  await d.stop("SIGKILL");
-  t.equal(storageDaemons(), 1, "the storage daemon outlives the killed daemon");
-  const d2 = await startDaemon(t, { dir });
-  const again = cliOn(t, d2.socket);
+  const { image, again } = await killedMidPush(t);
   const w = await again.ok("--json", "wait", "vm1", "--timeout", "60");
   t.match(JSON.parse(w.stdout), { state: "ready" }, "the adopted job finished");
   await until("storage daemon ended", async () => storageDaemons() === 0 && (await imageFree(image)));

@@ -39,7 +39,7 @@ t.test("rememberable: qcow2 and raw over plain files; not json: pseudo-filenames
     readOnly: false,
     node: "drive-vda",
     device: "/machine/peripheral/vda/virtio-backend",
-    backing: ["/var/lib/vm/base.qcow2"],
+    chain: ["/var/lib/vm/base.qcow2"],
   });
   t.equal(rememberable(disk({ format: "raw", file: "/dev/vg0/vm" }))?.format, "raw");
   t.equal(rememberable(disk({ file: 'json:{"driver":"qcow2"}' })), undefined);
