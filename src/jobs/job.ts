@@ -418,10 +418,12 @@ export class BackupJob {
           // step done, not yet recorded: what recovery must find out from QEMU and the store
           crashPoint(`begin:${name}:done`);
         }
+        if (def.mode === "pull") await this.sizeExports();
+        // no await from this check to the transition: an abort that came during an await is seen here, else it
+        // would wait on a job that goes on serving (a hang seen in abort-race when it came during sizeExports)
         const stop = this.beginInterrupted();
         if (stop !== undefined) return this.beginFailed(stop);
         this.step = undefined;
-        if (def.mode === "pull") await this.sizeExports();
         for (const d of this.disks) d.state = "running";
         this.transition(def.mode === "pull" ? "serving" : "running");
         void this.watch();
