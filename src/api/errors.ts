@@ -5,10 +5,12 @@
  */
 import type { DomainError } from "../daemon/errors.js";
 import type { BackupError } from "../jobs/errors.js";
+import type { SetError } from "../sets/errors.js";
 import { assertNever } from "../util/assert-never.js";
 
 export type ApiError =
   | BackupError
+  | SetError
   /** domain-add, domain-remove (the registry's own errors; their codes map below like all others). */
   | DomainError
   | { readonly code: "unknown-domain"; readonly message: string }
@@ -44,6 +46,8 @@ export function httpStatus(code: ApiErrorCode): number {
     case "target-exists":
     case "bitmap-missing":
     case "checkpoint-invalid":
+    case "set-corrupt":
+    case "set-foreign":
       return 409;
     case "method-not-allowed":
       return 405;

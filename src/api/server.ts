@@ -20,6 +20,7 @@ import type { JobManager } from "../jobs/manager.js";
 import type { JobEvent } from "../jobs/model.js";
 import type { Logger } from "../log.js";
 import type { QmpClient } from "../qmp/client.js";
+import type { SetService } from "../sets/service.js";
 import { type ApiError, errorBody, httpStatus } from "./errors.js";
 import { DebugRequestLog } from "./request-log.js";
 import { operations, routePath, routeSchema } from "./schemas.js";
@@ -35,6 +36,8 @@ export interface ApiDeps {
   readonly version: string;
   /** Backups of domains whose QEMU is not running (unset: refused as not connected). */
   readonly offline?: OfflineRunner | undefined;
+  /** Backup sets (unset: their routes answer unsupported). */
+  readonly sets?: SetService | undefined;
 }
 
 type Params = { name: string; checkpoint: string };
@@ -418,6 +421,67 @@ export function buildApi(deps: ApiDeps) {
       );
     },
   );
+
+  // ---- backup sets
+  const sets = (reply: FastifyReply): SetService | undefined => {
+    if (deps.sets === undefined) sendError(reply, { code: "unsupported", message: "backup sets are not available in this daemon" });
+    return deps.sets;
+  };
+  type SetBody = Record<string, unknown>;
+  app.post("/v1/sets/backup", op("backupToSet"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    const b = req.body as SetBody;
+    return send(
+      reply,
+      s.backup(b.domain as string, b.dir as string, {
+        full: b.full === true,
+        quiesce: b.quiesce === true,
+        ...(typeof b.bandwidth === "number" ? { bandwidth: b.bandwidth } : {}),
+      }),
+      201,
+    );
+  });
+  app.get<{ Querystring: Query }>("/v1/sets/points", op("listSetPoints"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    if (req.query.dir === undefined) return sendError(reply, { code: "bad-request", message: "dir is required" });
+    return send(reply, s.list(req.query.dir));
+  });
+  app.post("/v1/sets/restore", op("restoreFromSet"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    const b = req.body as SetBody;
+    const format = b.format === "qcow2" ? "qcow2" : "raw";
+    return send(reply, s.restore(b.dir as string, b.disk as string, b.file as string, b.at as string | undefined, format));
+  });
+  app.post("/v1/sets/verify", op("verifySet"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    return send(reply, s.verify((req.body as SetBody).dir as string));
+  });
+  app.post("/v1/sets/prune", op("pruneSet"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    const b = req.body as SetBody;
+    return send(reply, s.prune(b.dir as string, b.keep as number));
+  });
+  app.post("/v1/sets/exports", op("exportFromSet"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    const b = req.body as SetBody;
+    return send(reply, s.exportStart(b.dir as string, b.disk as string, b.at as string | undefined, b.socket as string), 201);
+  });
+  app.get("/v1/sets/exports", op("listSetExports"), async (_req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    return s.exportList();
+  });
+  app.delete<{ Params: { id: string } }>("/v1/sets/exports/:id", op("endSetExport"), async (req, reply) => {
+    const s = sets(reply);
+    if (s === undefined) return reply;
+    return send(reply, s.exportEnd(req.params.id));
+  });
 
   // ---- events (NDJSON)
   app.get<{ Querystring: Query }>("/v1/events", op("getEvents"), (req, reply) => {

@@ -22,6 +22,7 @@ import { ApiClient, type ApiReply, isCallError } from "./client.js";
 import { bashCompletion, manPage } from "./docs.js";
 import { EXIT, EXIT_MEANING, exitCodeForStatus } from "./exit-codes.js";
 import { diskTarget, type JobInfoLike, jobText, jobType, progressBar } from "./jobinfo.js";
+import { registerSetVerbs } from "./sets.js";
 import { sizeFormat, sizeParse } from "./units.js";
 
 const DEFAULT_SOCKET = "/run/qbackupd/qbackupd.sock";
@@ -544,6 +545,17 @@ export function buildCli(setExit: (code: number) => void): Command {
       const d = r.body as { deleted: string[] };
       out(c, d, () => `Domain checkpoint ${name}${o.childrenOnly ? " children" : ""} deleted (${d.deleted.join(", ") || "none"})\n`);
     });
+  registerSetVerbs(program, {
+    ctx,
+    call,
+    ask,
+    out,
+    table,
+    fail: (m, exit, code) => new CliFailure(m, exit, code),
+    sizeArg,
+    setExit,
+  });
+
   program
     .command("events [domain]")
     .description("stream events (NDJSON with --json) until interrupted or --timeout")

@@ -8,13 +8,15 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { errAsync, ResultAsync } from "neverthrow";
 import { type ApiServer, buildApi } from "../api/server.js";
 import { type DaemonConfig, parseOwner } from "../conf/config.js";
 import { JobManager } from "../jobs/manager.js";
 import { allowedDirsUntrusted } from "../jobs/paths.js";
 import type { Logger } from "../log.js";
+import { SetService } from "../sets/service.js";
 import { listening } from "../util/listening.js";
-import { type DomainEvent, DomainRegistry } from "./domains.js";
+import { type Domain, type DomainEvent, DomainRegistry } from "./domains.js";
 import { Metrics } from "./metrics.js";
 import { OfflineRunner } from "./offline.js";
 import { StateLock } from "./state-lock.js";
@@ -47,6 +49,7 @@ export class Daemon {
   readonly jobs: JobManager;
   readonly metrics: Metrics;
   readonly offline: OfflineRunner;
+  readonly sets: SetService;
   private api: ApiServer | undefined;
 
   private constructor(
@@ -73,6 +76,47 @@ export class Daemon {
     });
     this.jobs.subscribe((e) => this.metrics.onJobEvent(e));
     this.offline = new OfflineRunner({ stateDir: config.stateDir, logger: log, jobs: this.jobs });
+    this.sets = this.setService(config, log);
+  }
+
+  /** Backup sets run their backups and checkpoint deletions as the API's routes do: online, or offline through a storage daemon. */
+  private setService(config: DaemonConfig, log: Logger): SetService {
+    const domainOf = (name: string) => this.domains.get(name);
+    const offlineFor = (d: Domain) => (d.client() === undefined && d.state === "offline" ? this.offline : undefined);
+    return new SetService({
+      logger: log,
+      stateDir: config.stateDir,
+      allowedDirs: config.allowDirs,
+      domain: domainOf,
+      begin: (sd, bx, cx, opts) => {
+        const d = domainOf(sd.name);
+        if (d === undefined) return errAsync({ code: "not-connected", message: `no domain named '${sd.name}'` });
+        const off = offlineFor(d);
+        return off === undefined ? this.jobs.begin(d, bx, cx, opts) : off.begin(d, bx, cx, opts);
+      },
+      activeJob: async (name) => {
+        await this.jobs.recovered(name);
+        return this.jobs.job(name)?.info();
+      },
+      completedJob: async (name) => {
+        const r = await this.jobs.info(name, { completed: true });
+        return r.isOk() ? r.value : undefined;
+      },
+      subscribe: (fn) => this.jobs.subscribe(fn),
+      deleteCheckpoint: (sd, name) => {
+        const d = domainOf(sd.name);
+        if (d === undefined) return errAsync({ code: "not-connected", message: `no domain named '${sd.name}'` });
+        return ResultAsync.fromSafePromise(this.jobs.recovered(d.name)).andThen(() => {
+          if (this.jobs.busy(d.name)) return errAsync({ code: "busy" as const, message: `a backup is running on '${d.name}'` });
+          const off = offlineFor(d);
+          if (d.client() === undefined && off === undefined)
+            return errAsync({ code: "not-connected" as const, message: `domain '${d.name}' is not connected to QEMU` });
+          return off === undefined
+            ? d.checkpoints.delete(d.client(), name, {})
+            : off.withSession(d, (c) => d.checkpoints.delete(c, name, {}));
+        });
+      },
+    });
   }
 
   static async start(config: DaemonConfig, log: Logger): Promise<Daemon> {
@@ -102,6 +146,7 @@ export class Daemon {
           { dir: u.dir, reason: u.reason },
           "allowed directory that others than root, the daemon and QEMU can change: backups there are refused",
         );
+      await daemon.sets.start();
       await daemon.listen();
       return daemon;
     } catch (e) {
@@ -133,6 +178,7 @@ export class Daemon {
       },
       version: packageVersion(),
       offline: this.offline,
+      sets: this.sets,
     });
     // created with umask 0177 so the socket is never briefly world-accessible
     const old = process.umask(0o177);
@@ -177,6 +223,7 @@ export class Daemon {
   /** SIGTERM: stop accepting requests, leave QEMU's jobs running, close connections. */
   async stop(): Promise<void> {
     this.jobs.detachAll();
+    await this.sets.stop();
     await this.api?.close();
     await this.domains.stopAll();
     // the last outcomes are on disk before the next daemon may take the directory

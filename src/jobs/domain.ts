@@ -31,4 +31,10 @@ export interface BeginOptions {
    * For targets read and shipped elsewhere at once. Default true.
    */
   readonly durable?: boolean;
+  /**
+   * Where a disk the definition gives no target goes (default: a generated
+   * name in the domain's directory of generated files). A backup set names
+   * its own images.
+   */
+  readonly defaultTarget?: ((disk: string) => string) | undefined;
 }

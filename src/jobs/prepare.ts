@@ -138,7 +138,12 @@ export class BackupPreparer {
                 const aligned = backupDefAlign(
                   def,
                   disks.map((d) => d.name),
-                  { defaultFile: (disk) => join(domainDir, `${fileStem(disk)}.${stamp}.${id}.${suffix}`) },
+                  {
+                    defaultFile: (disk) =>
+                      def.mode === "push" && opts.defaultTarget !== undefined
+                        ? opts.defaultTarget(disk)
+                        : join(domainDir, `${fileStem(disk)}.${stamp}.${id}.${suffix}`),
+                  },
                 );
                 if (aligned.isErr()) return errAsync<PreparedBackup, BackupError>(aligned.error);
                 return this.validate(domain, client, id, aligned.value, disks, planOpts).andThen((plans) =>

@@ -62,6 +62,8 @@ const EXPECTED = {
   "method-not-allowed": [405, EXIT.usage],
   "unsupported-media-type": [415, EXIT.usage],
   internal: [500, EXIT.failed],
+  "set-corrupt": [409, EXIT.conflict],
+  "set-foreign": [409, EXIT.conflict],
 } as const satisfies Record<ApiErrorCode, Row>;
 
 t.test("every API error code: its HTTP status and the CLI's exit code", async (t) => {
