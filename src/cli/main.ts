@@ -605,6 +605,19 @@ export function buildCli(setExit: (code: number) => void): Command {
   return program;
 }
 
+/**
+ * `export DIR DISK --socket PATH`: that --socket is the NBD server's, not the
+ * daemon's (the program's own --socket, which commander would take it for,
+ * goes before the verb). Renamed to the export's --nbd-socket before parsing.
+ */
+function exportSocketArgs(argv: readonly string[]): string[] {
+  const verb = argv.indexOf("export");
+  if (verb < 0) return [...argv];
+  return argv.map((a, i) =>
+    i <= verb ? a : a === "--socket" ? "--nbd-socket" : a.startsWith("--socket=") ? `--nbd-socket=${a.slice(9)}` : a,
+  );
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   let code: number = EXIT.ok;
   jsonErrors = argv.includes("--json");
@@ -617,7 +630,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   program.exitOverride();
   for (const sub of program.commands) sub.exitOverride();
   try {
-    await program.parseAsync([...argv], { from: "user" });
+    await program.parseAsync(exportSocketArgs(argv), { from: "user" });
   } catch (e) {
     if (e instanceof CliFailure) {
       fail(e);

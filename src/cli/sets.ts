@@ -205,10 +205,16 @@ export function registerSetVerbs<C>(program: Command, h: SetVerbHelpers<C>): voi
     .command("export <dir> <disk>")
     .description("serve a restore point of DISK read-only over NBD on a unix socket until interrupted")
     .option("--at <checkpoint>", "the restore point (default: the newest)")
-    .requiredOption("--socket <path>", "the NBD server's unix socket")
-    .action(async (dir: string, disk: string, o: { at?: string; socket: string }) => {
+    // given as --socket after the verb (main.ts renames it: the program's own --socket is the daemon's)
+    .requiredOption("--nbd-socket <path>", "the NBD server's unix socket (also --socket after the verb)")
+    .action(async (dir: string, disk: string, o: { at?: string; nbdSocket: string }) => {
       const c = h.ctx();
-      const r = await h.call(c, "POST", "/v1/sets/exports", { dir, disk, socket: o.socket, ...(o.at !== undefined ? { at: o.at } : {}) });
+      const r = await h.call(c, "POST", "/v1/sets/exports", {
+        dir,
+        disk,
+        socket: o.nbdSocket,
+        ...(o.at !== undefined ? { at: o.at } : {}),
+      });
       const e = r.body as { id: string; uri: string; checkpoint: string };
       h.out(c, e, () => `Serving ${disk} at ${e.checkpoint}: ${e.uri} (export ${e.id}; Ctrl-C ends it)\n`);
       let stop = false;

@@ -11,9 +11,11 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync, unlinkSync } from "node:fs";
-import { join } from "node:path";
+import { unlink } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
 import { errAsync, okAsync, ResultAsync } from "neverthrow";
 import { checkSocketPath } from "../jobs/paths.js";
+import { below, lstatBelow, openTrustedDir, trustFor } from "../jobs/safe-fs.js";
 import type { Logger } from "../log.js";
 import { ensureDir, removeFileDurable, writeFileAtomic } from "../util/atomic-file.js";
 import { listening } from "../util/listening.js";
@@ -46,6 +48,20 @@ export function storageDaemonExportArgs(top: string, socket: string, name: strin
     "--export",
     JSON.stringify({ type: "nbd", id: "qbk-set-export", "node-name": "qbk-set", name, writable: false }),
   ];
+}
+
+/** The storage daemon leaves its socket behind: removed through the walked directory, and only while it is a socket. */
+async function removeSocket(path: string): Promise<void> {
+  const w = await openTrustedDir(dirname(path), trustFor());
+  if (!w.ok) return;
+  try {
+    const st = await lstatBelow(w.dir, basename(path));
+    if (st?.isSocket()) await unlink(below(w.dir, basename(path)));
+  } catch {
+    // gone already
+  } finally {
+    await w.dir.close();
+  }
 }
 
 export class SetExports {
@@ -125,6 +141,7 @@ export class SetExports {
     await writeFileAtomic(join(this.dir, `${id}.json`), JSON.stringify({ pid: proc.pid, socket }));
     void exited.then(async () => {
       this.running.delete(id);
+      await removeSocket(socket);
       release();
       await removeFileDurable(join(this.dir, `${id}.json`));
       this.opts.logger.info({ export: id, socket }, "backup set export ended");

@@ -170,6 +170,7 @@ export class SetService {
   >();
   private readonly lastSettled = new Map<string, SetListing["lastSettled"]>();
   private readonly registry: string;
+  private readonly settling = new Map<string, Promise<unknown>>();
 
   constructor(private readonly deps: SetServiceDeps) {
     this.log = deps.logger;
@@ -258,6 +259,21 @@ export class SetService {
    * not (not connected yet after a restart).
    */
   private settle(set: SetDir): ResultAsync<Settled, SetError> {
+    // one at a time per set: the job's event and a listing may ask at once, and each step reads then writes the index
+    const before = this.settling.get(set.root) ?? Promise.resolve();
+    const mine = before.then(() => this.settleNow(set));
+    const tail = mine.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.settling.set(set.root, tail);
+    void tail.then(() => {
+      if (this.settling.get(set.root) === tail) this.settling.delete(set.root);
+    });
+    return new ResultAsync(mine);
+  }
+
+  private settleNow(set: SetDir): ResultAsync<Settled, SetError> {
     return set.readPending().andThen((p) => {
       if (p === undefined) return okAsync<Settled, SetError>("none");
       const d = this.deps.domain(p.domain);
