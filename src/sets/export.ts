@@ -91,6 +91,10 @@ export class SetExports {
       return errAsync({ code: "unknown-disk", message: `restore point '${point.checkpoint}' has no disk '${disk}'` });
     }
     const id = randomBytes(4).toString("hex");
+    if (Buffer.byteLength(socket) > 107) {
+      release();
+      return errAsync({ code: "path-refused", message: `NBD socket '${socket}' is longer than a unix socket path may be (107 bytes)` });
+    }
     return checkSocketPath(socket, this.opts.allowedDirs)
       .andThen((path) => ensureDir(this.dir).map(() => path))
       .andThen((path) => ResultAsync.fromSafePromise(this.spawn(id, set, point, d.file, disk, path, release)))

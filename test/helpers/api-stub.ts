@@ -11,6 +11,7 @@ import { type ApiDeps, buildApi } from "../../src/api/server.js";
 import type { DomainRegistry } from "../../src/daemon/domains.js";
 import type { Metrics } from "../../src/daemon/metrics.js";
 import type { JobManager } from "../../src/jobs/manager.js";
+import { SetService } from "../../src/sets/service.js";
 
 export interface StubApi {
   readonly app: ReturnType<typeof buildApi>;
@@ -129,6 +130,18 @@ export function stubApi(names: string[] = ["vm1"], running: string[] = []): Stub
     maxBodyBytes: 1 << 20,
     onDomainEvent: () => () => {},
     version: "test",
+    // real sets over no allowed directory: every set path is refused or not found before anything is touched
+    sets: new SetService({
+      logger: pino({ level: "silent" }),
+      stateDir: "/nonexistent/qbackupd-stub",
+      allowedDirs: [],
+      domain: () => undefined,
+      begin: () => errAsync({ code: "not-connected", message: "stub" }),
+      activeJob: async () => undefined,
+      completedJob: async () => undefined,
+      subscribe: () => () => {},
+      deleteCheckpoint: () => errAsync({ code: "not-connected", message: "stub" }),
+    }),
   };
   return { app: buildApi(deps), calls };
 }
