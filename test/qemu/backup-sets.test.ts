@@ -9,7 +9,7 @@
  * says why; an export serves a point over NBD; the refusals a script meets.
  */
 import { spawn } from "node:child_process";
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, writeFileSync, writeSync } from "node:fs";
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { addDomain, cliOn, startDaemon, until } from "../helpers/daemon.js";
@@ -213,3 +213,78 @@ t.test("backup sets: full + automatic incrementals, restore, verify, prune, fall
   t.match(foreign.stderr, /backup set of domain 'vm1'/);
   writeFileSync(join(work, "marker"), "");
 });
+
+t.test(
+  "backup sets: the daemon killed -9 mid backup settles it after restart; an aborted backup leaves no point and no file",
+  async (t) => {
+    const vm = await startVm(t, { disks: [{ size: "8M" }] });
+    const dir = tempDir(t, "qbackupd-daemon-");
+    const work = tempDir(t);
+    const set = join(work, "set");
+    const d = await startDaemon(t, { dir, args: ["--allow-dir", work] });
+    const { ok } = cliOn(t, d.socket);
+    await addDomain(d, "vm1", vm.qmpPath);
+    await vm.write(0, 0x31, 0, 2 * MiB);
+    await ok("backup", "vm1", set);
+    await vm.write(0, 0x32, 4 * MiB, 2 * MiB);
+    // 2 MiB at 256 KiB/s: still copying when the daemon dies
+    const started = JSON.parse((await ok("--json", "backup", "vm1", set, "--no-wait", "--bandwidth", "256K")).stdout) as {
+      kind: string;
+      checkpoint: string;
+    };
+    t.equal(started.kind, "incremental");
+    t.ok(existsSync(join(set, "pending.json")), "the backup is journaled while it runs");
+    await d.stop("SIGKILL");
+    rmSync(join(dir, "api.sock"), { force: true });
+    const d2 = await startDaemon(t, { dir, args: ["--allow-dir", work], readyMs: 20_000 });
+    const again = cliOn(t, d2.socket);
+    t.equal((await again.q("prune", set, "--keep", "1")).code, 4, "a prune while the adopted backup runs: busy");
+    await until("the adopted backup settled", async () => {
+      const l = JSON.parse((await again.ok("--json", "backup-list", set)).stdout) as Listing & { pending: unknown };
+      return l.pending === null;
+    });
+    const l = JSON.parse((await again.ok("--json", "backup-list", set)).stdout) as Listing;
+    t.same(
+      l.points.map((p) => [p.checkpoint === started.checkpoint, p.kind]),
+      [
+        [false, "full"],
+        [true, "incremental"],
+      ],
+      "the backup the killed daemon began became its restore point",
+    );
+    const model = Buffer.alloc(8 * MiB);
+    model.fill(0x31, 0, 2 * MiB);
+    model.fill(0x32, 4 * MiB, 6 * MiB);
+    const ref = join(work, "ref.raw");
+    writeFileSync(ref, model);
+    const out = join(work, "out.raw");
+    await again.ok("restore", set, "vda", out);
+    t.ok(await sameRaw(out, ref), "restored byte-exact");
+    t.equal((await again.q("verify", set)).code, 0);
+
+    // a backup aborted while it copies: no point, its images gone, the next one still incremental
+    await vm.write(0, 0x33, 0, 2 * MiB);
+    const ab = JSON.parse((await again.ok("--json", "backup", "vm1", set, "--no-wait", "--bandwidth", "256K")).stdout) as {
+      checkpoint: string;
+    };
+    await again.ok("domjobabort", "vm1");
+    const r = await again.q("backup", "vm1", set);
+    t.equal(r.code, 0, `the next backup runs: ${r.stderr}`);
+    t.match(r.stdout, /: incremental/, "and is incremental");
+    const fin = JSON.parse((await again.ok("--json", "backup-list", set)).stdout) as Listing;
+    t.notOk(
+      fin.points.some((p) => p.checkpoint === ab.checkpoint),
+      "the aborted backup is no restore point",
+    );
+    t.same(
+      readdirSync(join(set, "data")).filter((f) => f.startsWith("000003.")),
+      [],
+      "its images are gone",
+    );
+    model.fill(0x33, 0, 2 * MiB);
+    writeFileSync(ref, model);
+    const out2 = join(work, "out2.raw");
+    await again.ok("restore", set, "vda", out2);
+    t.ok(await sameRaw(out2, ref), "the next incremental covers the aborted one's writes too");
+  },
+);
