@@ -174,7 +174,12 @@ try {
   const gone = await q("restore", set, DEVS[0]!, join(work, "gone.raw"), "--at", names[0]!);
   if (KEEP < ROUNDS + 1 && gone.code !== 3) fail(`restore of a pruned point: exit ${gone.code}, expected 3`);
   if (existsSync(join(work, "gone.raw"))) fail("a refused restore left its file");
-  phase(`prune --keep ${KEEP}: ${pr.stdout.trim().replace(/\n/g, "; ")}; ${readdirSync(join(set, "data")).length} image files left, pruned points refused`);
+  const cps = (await ok("checkpoint-list", "vm1", "--name")).stdout.trim().split("\n").filter((x) => x !== "");
+  if (JSON.stringify(cps) !== JSON.stringify([names.at(-1)])) fail(`checkpoints left after the prune: ${cps.join(", ")}`);
+  const said = pr.stdout.split("\n")[0]!.replace(/:.*/, "");
+  phase(
+    `prune --keep ${KEEP}: ${said}; ${readdirSync(join(set, "data")).length} image files left, only the newest checkpoint left, pruned points refused`,
+  );
   const v2 = await q("verify", set);
   if (v2.code !== 0) fail(`verify after the prune: exit ${v2.code}: ${v2.stdout}${v2.stderr}`);
   phase(`verify after prune: exit 0 (${v2.stdout.trim().split("\n").at(-1)})`);
