@@ -88,6 +88,7 @@ export class Daemon {
       stateDir: config.stateDir,
       allowedDirs: config.allowDirs,
       domain: domainOf,
+      qemuUsers: () => this.domains.list().flatMap((d) => (d.imageOwner !== undefined ? [d.imageOwner] : [])),
       begin: (sd, bx, cx, opts) => {
         const d = domainOf(sd.name);
         if (d === undefined) return errAsync({ code: "not-connected", message: `no domain named '${sd.name}'` });

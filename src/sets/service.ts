@@ -84,6 +84,8 @@ export interface SetServiceDeps {
   readonly subscribe: (fn: (e: JobEvent) => void) => () => void;
   /** Delete a checkpoint (online or offline); refused while the domain is busy. */
   readonly deleteCheckpoint: (d: SetDomain, name: string) => ResultAsync<unknown, BackupError>;
+  /** QEMU's users of the registered domains (a set's directories belong to its domain's). */
+  readonly qemuUsers?: (() => readonly { readonly uid: number; readonly gid: number }[]) | undefined;
   readonly qemuImg?: QemuImg | undefined;
   readonly storageDaemon?: string | undefined;
 }
@@ -245,7 +247,24 @@ export class SetService {
   }
 
   private locate(dir: string, owner: SetDomain["imageOwner"], create = false): ResultAsync<SetDir, SetError> {
-    return locateSet(dir, { allowedDirs: this.deps.allowedDirs, trust: trustFor(owner), create, owner });
+    return locateSet(dir, {
+      allowedDirs: this.deps.allowedDirs,
+      trust: owner !== undefined || create ? trustFor(owner) : this.anyQemuTrust(),
+      create,
+      owner,
+    });
+  }
+
+  /** Before the set is read, its domain is not known: root, the daemon and the QEMU user of any registered domain. */
+  private anyQemuTrust(): Trust {
+    const t = trustFor();
+    const uids = new Set(t.uids);
+    const gids = new Set(t.gids);
+    for (const u of this.deps.qemuUsers?.() ?? []) {
+      uids.add(u.uid);
+      gids.add(u.gid);
+    }
+    return { uids, gids };
   }
 
   private trustOf(index: SetIndex | undefined): Trust {
