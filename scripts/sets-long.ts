@@ -174,7 +174,10 @@ try {
   const gone = await q("restore", set, DEVS[0]!, join(work, "gone.raw"), "--at", names[0]!);
   if (KEEP < ROUNDS + 1 && gone.code !== 3) fail(`restore of a pruned point: exit ${gone.code}, expected 3`);
   if (existsSync(join(work, "gone.raw"))) fail("a refused restore left its file");
-  const cps = (await ok("checkpoint-list", "vm1", "--name")).stdout.trim().split("\n").filter((x) => x !== "");
+  const cps = (await ok("checkpoint-list", "vm1", "--name")).stdout
+    .trim()
+    .split("\n")
+    .filter((x) => x !== "");
   if (JSON.stringify(cps) !== JSON.stringify([names.at(-1)])) fail(`checkpoints left after the prune: ${cps.join(", ")}`);
   const said = pr.stdout.split("\n")[0]!.replace(/:.*/, "");
   phase(
