@@ -154,6 +154,16 @@ function pointJson(p: Point, points: ReadonlyMap<number, Point>): PointJson {
   };
 }
 
+/** `work`, then the set given back, whatever the work came to (its Result passes through). */
+function releasing<T>(release: () => void, work: ResultAsync<T, SetError>): ResultAsync<T, SetError> {
+  return new ResultAsync(
+    Promise.resolve(work).then((r) => {
+      release();
+      return r;
+    }),
+  );
+}
+
 /** The checkpoint marking a point: unique per set and time. */
 function pointName(seq: number): string {
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*$/, "");
@@ -420,13 +430,9 @@ export class SetService {
       if (j === undefined) return okAsync<void, SetError>(undefined);
       const held = this.locks.acquire(set.root, "prune", "finishing an interrupted prune");
       if (held.isErr()) return errAsync<void, SetError>(held.error);
-      return set.readIndex().andThen((index) =>
-        resumePrune(set, j, this.img, this.trustOf(index))
-          .map(() => held.value())
-          .mapErr((e) => {
-            held.value();
-            return e;
-          }),
+      return releasing(
+        held.value,
+        set.readIndex().andThen((index) => resumePrune(set, j, this.img, this.trustOf(index))),
       );
     });
   }
@@ -642,20 +648,14 @@ export class SetService {
   restore(dir: string, disk: string, file: string, at: string | undefined, format: "raw" | "qcow2"): ResultAsync<RestoreResult, SetError> {
     return this.locate(dir, undefined).andThen((set) =>
       this.open(set, "restore", `a restore of '${disk}' into ${file}`).andThen((release) =>
-        this.indexAndPoints(set)
-          .andThen(({ index, points }) =>
+        releasing(
+          release,
+          this.indexAndPoints(set).andThen(({ index, points }) =>
             this.pickPoint(index, points, at).andThen((p) =>
               restorePoint(set, p, { disk, file, format }, this.deps.allowedDirs, trustFor(), this.img),
             ),
-          )
-          .map((r) => {
-            release();
-            return r;
-          })
-          .mapErr((e) => {
-            release();
-            return e;
-          }),
+          ),
+        ),
       ),
     );
   }
@@ -663,16 +663,12 @@ export class SetService {
   verify(dir: string): ResultAsync<VerifyReport & { set: string }, SetError> {
     return this.locate(dir, undefined).andThen((set) =>
       this.open(set, "verify", "a verify").andThen((release) =>
-        this.indexAndPoints(set)
-          .andThen(({ points }) => verifySet(set, points, this.img))
-          .map((r) => {
-            release();
-            return { set: set.root, ...r };
-          })
-          .mapErr((e) => {
-            release();
-            return e;
-          }),
+        releasing(
+          release,
+          this.indexAndPoints(set)
+            .andThen(({ points }) => verifySet(set, points, this.img))
+            .map((r) => ({ set: set.root, ...r })),
+        ),
       ),
     );
   }
@@ -680,28 +676,25 @@ export class SetService {
   prune(dir: string, keep: number): ResultAsync<PruneResult, SetError> {
     return this.locate(dir, undefined).andThen((set) =>
       this.open(set, "prune", `a prune to ${keep} restore points`).andThen((release) =>
-        this.settle(set)
-          .andThen((s) =>
-            s === "running" || s === "unknown"
-              ? errAsync<{ index: SetIndex; points: Map<number, Point> }, SetError>({
-                  code: "busy",
-                  message: `backup set ${set.root} is busy: a backup of it is not settled yet`,
-                })
-              : this.indexAndPoints(set),
-          )
-          .andThen(({ index, points }) =>
-            planPrune(index, points, keep).asyncAndThen((plan) =>
-              runPrune(set, index, plan, this.img, this.trustOf(index)).andThen((after) => this.dropCheckpoints(set, after, points, plan)),
+        releasing(
+          release,
+          this.settle(set)
+            .andThen((s) =>
+              s === "running" || s === "unknown"
+                ? errAsync<{ index: SetIndex; points: Map<number, Point> }, SetError>({
+                    code: "busy",
+                    message: `backup set ${set.root} is busy: a backup of it is not settled yet`,
+                  })
+                : this.indexAndPoints(set),
+            )
+            .andThen(({ index, points }) =>
+              planPrune(index, points, keep).asyncAndThen((plan) =>
+                runPrune(set, index, plan, this.img, this.trustOf(index)).andThen((after) =>
+                  this.dropCheckpoints(set, after, points, plan),
+                ),
+              ),
             ),
-          )
-          .map((r) => {
-            release();
-            return r;
-          })
-          .mapErr((e) => {
-            release();
-            return e;
-          }),
+        ),
       ),
     );
   }
